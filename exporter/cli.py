@@ -1,0 +1,231 @@
+"""Command line: the exporter itself, and the ``policy check`` / ``policy plan`` tools.
+
+Start-up does not wait for libvirt: an unreachable URI is logged, ``libvirt_blockjob_up`` is 0
+and the exporter keeps retrying, because on a hypervisor the exporter and libvirtd start and
+restart independently. Flags, web config and policy are checked before anything starts: a bad one
+is a clear message and exit status 2 (flags) or 1 (files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+from typing import Sequence
+
+from . import __version__
+from .durations import parse_duration
+from .logsetup import LEVELS, setup_logging
+
+log = logging.getLogger("exporter")
+
+DEFAULT_URI = "qemu:///system"
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _duration_flag(minimum: float):
+    def parse(text: str) -> float:
+        try:
+            seconds = parse_duration(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        if seconds < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is below the minimum of {minimum:g}s")
+        return seconds
+    return parse
+
+
+def _uri_flag(text: str) -> str:
+    if not _URI.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a libvirt URI (e.g. qemu:///system)")
+    return text
+
+
+def _listen_flag(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port (e.g. :9478 or 127.0.0.1:9478)")
+    if host.startswith("[") != host.endswith("]"):
+        raise argparse.ArgumentTypeError(f"{text!r}: unbalanced brackets around an IPv6 address")
+    return text
+
+
+def _telemetry_path_flag(text: str) -> str:
+    if not text.startswith("/") or text == "/":
+        raise argparse.ArgumentTypeError(f"{text!r} must start with / and not be / (the landing page)")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .web import DEFAULT_LISTEN_ADDRESS
+
+    parser = argparse.ArgumentParser(
+        prog="libvirt-blockjob-exporter",
+        description="Prometheus exporter for libvirt block jobs (pull, copy, commit, backup).",
+        epilog="Subcommands: 'policy check FILE' validates a policy file; "
+               "'policy plan --policy.file FILE [--libvirt.uri URI]' shows what the policy would do now.",
+    )
+    parser.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag,
+                        help=f"libvirt connection URI (default {DEFAULT_URI}); read-only unless --policy.enforce")
+    parser.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN_ADDRESS,
+                        type=_listen_flag, help=f"address to serve metrics on (default {DEFAULT_LISTEN_ADDRESS})")
+    parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                        type=_telemetry_path_flag, help="path under which to expose metrics (default /metrics)")
+    parser.add_argument("--web.config.file", dest="web_config_file", default=None,
+                        help="exporter-toolkit web config file enabling TLS and/or basic auth")
+    parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.05),
+                        help="how often to poll blockJobInfo for every disk (default 1s)")
+    parser.add_argument("--inventory.refresh-interval", dest="inventory_interval", default=30.0,
+                        type=_duration_flag(1.0),
+                        help="full re-read of domains and backing chains, besides event-driven refreshes (default 30s)")
+    parser.add_argument("--policy.file", dest="policy_file", default=None,
+                        help="YAML policy that starts block pulls (dry run unless --policy.enforce)")
+    parser.add_argument("--policy.enforce", dest="policy_enforce", action="store_true",
+                        help="let the policy start pulls (opens a read-write libvirt connection)")
+    parser.add_argument("--alertmanager.url", dest="alertmanager_url", default=None,
+                        help="also post block-job failures straight to this Alertmanager (v2 API)")
+    parser.add_argument("--alertmanager.resolve-after", dest="alertmanager_resolve_after", default=300.0,
+                        type=_duration_flag(1.0), help="direct alerts resolve themselves after this (default 5m)")
+    parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS)
+    parser.add_argument("--log.format", dest="log_format", default="text", choices=("text", "json"))
+    parser.add_argument("--version", action="version", version=f"libvirt-blockjob-exporter {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "policy":
+        return policy_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.policy_enforce and not args.policy_file:
+        build_parser().error("--policy.enforce needs --policy.file")
+    if args.alertmanager_url and not re.match(r"^https?://[^/\s]+", args.alertmanager_url):
+        build_parser().error(f"--alertmanager.url {args.alertmanager_url!r} must be an http(s) URL")
+    setup_logging(args.log_level, args.log_format)
+    return run_exporter(args)
+
+
+def run_exporter(args: argparse.Namespace) -> int:
+    from .collector import BlockJobCollector, MetricsRenderer, build_registry
+    from .libvirt_host import LibvirtHost
+    from .selfstats import SelfStats
+    from .state import State
+    from .web import WebServer
+    from .webconfig import WebConfigError, load_web_config
+
+    web_config = None
+    if args.web_config_file:
+        try:
+            web_config = load_web_config(args.web_config_file)
+        except WebConfigError as err:
+            print(f"invalid --web.config.file:\n{err}", file=sys.stderr)
+            return 1
+
+    engine = None
+    if args.policy_file:
+        from .policy.config import PolicyError, load_policy
+
+        try:
+            load_policy(args.policy_file)
+        except PolicyError as err:
+            print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
+            return 1
+        except OSError as err:
+            print(f"cannot read --policy.file: {err}", file=sys.stderr)
+            return 1
+
+    state = State()
+    stats = SelfStats()
+    notifier = None
+    if args.alertmanager_url:
+        from .alertmanager import AlertmanagerNotifier
+
+        notifier = AlertmanagerNotifier(args.alertmanager_url,
+                                        resolve_after_seconds=args.alertmanager_resolve_after,
+                                        instance=args.listen_address)
+
+    def on_outcomes(outcomes) -> None:
+        for outcome in outcomes:
+            if notifier is not None and outcome.outcome == "failed":
+                notifier.notify_failure(outcome.domain, outcome.disk, outcome.job_type, outcome.wall)
+            if engine is not None:
+                engine.on_outcome(outcome.domain, outcome.disk, outcome.job_type, outcome.outcome, outcome.wall)
+
+    host = LibvirtHost(uri=args.uri, state=state, stats=stats, poll_interval=args.poll_interval,
+                       inventory_interval=args.inventory_interval,
+                       read_only=not args.policy_enforce, on_outcomes=on_outcomes)
+    collector = BlockJobCollector(state, stats, __version__)
+    if args.policy_file:
+        from .policy.engine import PolicyEngine
+
+        engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host)
+        collector.add_extra(engine.metric_families)
+        host.set_after_cycle(lambda: engine.evaluate_and_act(state.snapshot()))
+    if notifier is not None:
+        collector.add_extra(notifier.metric_families)
+    registry = build_registry(collector)
+
+    links = [("/-/healthy", "health")]
+    server = WebServer(args.listen_address, args.telemetry_path, MetricsRenderer(registry),
+                       web_config=web_config, landing_links=links, version=__version__)
+    try:
+        server.start()
+    except OSError as err:
+        print(f"cannot listen on {args.listen_address}: {err}", file=sys.stderr)
+        return 1
+    host_addr, port = server.bound_address[:2]
+    log.info("libvirt-blockjob-exporter %s listening on %s:%s%s, libvirt %s (%s)", __version__, host_addr, port,
+             args.telemetry_path, args.uri, "read-write, policy enforcing" if args.policy_enforce else "read-only")
+
+    stop = threading.Event()
+
+    def on_stop(signum, _frame) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    def on_hup(_signum, _frame) -> None:
+        if engine is None:
+            log.info("SIGHUP: no --policy.file to reload")
+            return
+        threading.Thread(target=lambda: (engine.reload(), host.request_cycle()), name="policy-reload",
+                         daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    if notifier is not None:
+        notifier.start()
+    host.start()
+    while not stop.wait(3600):
+        pass
+    server.shutdown()
+    host.stop()
+    if notifier is not None:
+        notifier.stop()
+    log.info("stopped")
+    return 0
+
+
+def policy_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="libvirt-blockjob-exporter policy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a policy file; exit 0 if valid, 1 with every error")
+    check.add_argument("file")
+    plan = sub.add_parser("plan", help="what the policy would decide now on this host")
+    plan.add_argument("--policy.file", dest="policy_file", required=True)
+    plan.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag)
+    args = parser.parse_args(list(argv))
+    if args.command == "check":
+        from .policy.commands import policy_check
+
+        return policy_check(args.file)
+    from .policy.commands import policy_plan
+
+    return policy_plan(args.policy_file, args.uri)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,563 @@
+"""The only module that talks to libvirt: connection, event loop, reconnect, polling, actions.
+
+Three threads, each with one job:
+
+* the libvirt event loop (``virEventRunDefaultImpl``): callbacks only build an immutable record and
+  put it on a queue; no logging, no locks held for long, no libvirt calls;
+* the dispatcher: applies those records to the state and tells outcome listeners;
+* the poller: owns the connection (connect, resync, reconnect with backoff), refreshes the disk
+  inventory, polls ``blockJobInfo`` once per disk per interval and runs the post-cycle hook (the
+  policy engine), so every libvirt call of ours is made from one thread, in order.
+
+Safety: the only per-domain calls are ``XMLDesc``, ``blockJobInfo`` and, when the policy enforces,
+``blockPull``/``blockRebase``/``blockJobAbort``. Never ``virDomainGetBlockInfo`` or the BLOCK stats
+group: on QEMU 7.2 the ``query-named-block-nodes`` they send can segfault QEMU as a pull finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Iterable
+
+import libvirt
+
+from .domain_xml import parse_disks
+from .model import (
+    BlockJobEvent,
+    ConnectionEvent,
+    DiskInfo,
+    DiskKey,
+    JobInfo,
+    LifecycleEvent,
+    OutcomeRecord,
+)
+from .selfstats import SelfStats
+from .state import State
+
+log = logging.getLogger(__name__)
+
+_JOB_TYPES = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active_commit",
+    getattr(libvirt, "VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP", 5): "backup",
+}
+_JOB_STATUSES = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "canceled",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
+}
+_LIFECYCLE = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+}
+_STOPPED_BY_FAILURE = (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
+_DOMAIN_GONE_ERRORS = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _silence_libvirt_stderr(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; we log the ones we care about instead."""
+
+
+def ensure_event_loop() -> None:
+    """Start libvirt's default event loop once per process, before any connection is opened.
+
+    Opening a connection first means no event is ever delivered on it.
+    """
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-event-loop", daemon=True).start()
+        _event_loop_started = True
+
+
+def job_info_from_libvirt(raw: dict) -> JobInfo | None:
+    if not raw:
+        return None
+    return JobInfo(
+        job_type=_JOB_TYPES.get(raw.get("type", 0), "unknown"),
+        cur=int(raw.get("cur", 0)),
+        end=int(raw.get("end", 0)),
+        bandwidth=int(raw.get("bandwidth", 0)),
+    )
+
+
+class _RateLimitedLog:
+    """One warning per (what) per interval, so a flapping domain cannot flood the log."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def warning(self, what: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(what, -self._interval) >= self._interval:
+            self._last[what] = now
+            log.warning(message, *args)
+        else:
+            log.debug(message, *args)
+
+
+class LibvirtHost:
+    def __init__(
+        self,
+        uri: str,
+        state: State,
+        stats: SelfStats,
+        poll_interval: float = 1.0,
+        inventory_interval: float = 30.0,
+        read_only: bool = True,
+        on_outcomes: Callable[[tuple[OutcomeRecord, ...]], None] | None = None,
+        after_cycle: Callable[[], None] | None = None,
+        reconnect_max_delay: float = 2.0,
+    ) -> None:
+        self.uri = uri
+        self.read_only = read_only
+        self._state = state
+        self._stats = stats
+        self._poll_interval = poll_interval
+        self._inventory_interval = inventory_interval
+        self._on_outcomes = on_outcomes
+        self._after_cycle = after_cycle
+        self._reconnect_max_delay = reconnect_max_delay
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._refresh_lock = threading.Lock()
+        self._refresh_domains: set[str] = set()
+        self._conn: libvirt.virConnect | None = None
+        self._callback_ids: list[int] = []
+        self._domains: dict[str, libvirt.virDomain] = {}
+        self._disks_by_domain: dict[str, tuple[str, ...]] = {}
+        self._ever_connected = False
+        self._last_inventory = 0.0
+        self._threads: list[threading.Thread] = []
+        self._warn = _RateLimitedLog()
+        self.first_connect_error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        ensure_event_loop()
+        for name, target in (("dispatcher", self._dispatch_loop), ("poller", self._poll_loop)):
+            thread = threading.Thread(target=target, name=f"blockjob-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._events.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._disconnect()
+
+    def set_after_cycle(self, hook: Callable[[], None] | None) -> None:
+        self._after_cycle = hook
+
+    def request_cycle(self) -> None:
+        """Ask the poller to run the post-cycle hook soon (e.g. after a policy reload)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ event loop thread
+
+    def _on_block_job(self, _conn, dom, path, job_type, status, _opaque) -> None:
+        self._events.put(BlockJobEvent(dom.name(), path, _JOB_TYPES.get(job_type, "unknown"),
+                                       _JOB_STATUSES.get(status, "unknown"), "block_job",
+                                       time.monotonic(), time.time()))
+
+    def _on_block_job_2(self, _conn, dom, disk, job_type, status, _opaque) -> None:
+        self._events.put(BlockJobEvent(dom.name(), disk, _JOB_TYPES.get(job_type, "unknown"),
+                                       _JOB_STATUSES.get(status, "unknown"), "block_job_2",
+                                       time.monotonic(), time.time()))
+
+    def _on_lifecycle(self, _conn, dom, event, detail, _opaque) -> None:
+        kind = _LIFECYCLE.get(event, "other")
+        if kind == "stopped" and detail in _STOPPED_BY_FAILURE:
+            kind = "crashed"
+        self._events.put(LifecycleEvent(dom.name(), kind, time.monotonic(), time.time()))
+
+    def _on_close(self, _conn, _reason, _opaque) -> None:
+        self._lost.set()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ dispatcher thread
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            record = self._events.get()
+            if record is None:
+                return
+            try:
+                self._dispatch(record)
+            except Exception:  # a bug here must not stop event handling
+                log.exception("failed to apply %r", record)
+
+    def _dispatch(self, record: BlockJobEvent | LifecycleEvent) -> None:
+        if isinstance(record, BlockJobEvent):
+            self._stats.event(record.event_id)
+        else:
+            self._stats.event("lifecycle")
+        outcomes = self._state.apply(record)
+        if isinstance(record, BlockJobEvent) or record.kind in ("started", "resumed", "stopped",
+                                                                 "crashed", "undefined"):
+            with self._refresh_lock:
+                self._refresh_domains.add(record.domain)
+            self._wake.set()
+        if isinstance(record, BlockJobEvent) and record.event_id == "block_job_2":
+            log.info("block job %s on %s/%s: %s", record.job_type, record.domain, record.disk, record.status)
+        if outcomes:
+            self._notify(outcomes)
+
+    def _notify(self, outcomes: tuple[OutcomeRecord, ...]) -> None:
+        for outcome in outcomes:
+            if outcome.inferred:
+                log.info("block job %s on %s/%s ended without a libvirt event; counted as %s",
+                         outcome.job_type, outcome.domain, outcome.disk, outcome.outcome)
+        if self._on_outcomes is not None:
+            try:
+                self._on_outcomes(outcomes)
+            except Exception:
+                log.exception("outcome listener failed")
+
+    # ------------------------------------------------------------------ poller thread
+
+    def _poll_loop(self) -> None:
+        delay = 0.5
+        next_poll = time.monotonic()
+        while not self._stop.is_set():
+            if self._lost.is_set() or self._conn is None:
+                if self._conn is not None:
+                    log.warning("lost the connection to %s; reconnecting", self.uri)
+                    self._disconnect()
+                if not self._connect():
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self._reconnect_max_delay)
+                    continue
+                delay = 0.5
+                next_poll = time.monotonic() + self._poll_interval
+            try:
+                self._cycle(next_poll)
+            except libvirt.libvirtError as err:
+                if not self._connection_alive():
+                    self._lost.set()
+                    continue
+                self._warn.warning("cycle", "poll cycle failed: %s", err)
+            except Exception:
+                log.exception("poll cycle failed")
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = max(next_poll + self._poll_interval, now)
+            self._wake.wait(max(0.0, next_poll - time.monotonic()))
+            self._wake.clear()
+
+    def _cycle(self, next_poll: float) -> None:
+        now = time.monotonic()
+        if now - self._last_inventory >= self._inventory_interval:
+            self._refresh_all()
+        else:
+            with self._refresh_lock:
+                domains, self._refresh_domains = self._refresh_domains, set()
+            for name in sorted(domains):
+                try:
+                    self._refresh_domain(name)
+                except libvirt.libvirtError as err:
+                    if not self._connection_alive():
+                        raise
+                    self._warn.warning(f"xml:{name}", "cannot refresh %s: %s", name, err)
+        if time.monotonic() >= next_poll:
+            started = time.monotonic()
+            self._poll_jobs()
+            outcomes = self._state.expire_pending()
+            if outcomes:
+                self._notify(outcomes)
+            self._stats.poll_cycle(time.monotonic() - started, time.time())
+        if self._after_cycle is not None and not self._lost.is_set():
+            try:
+                self._after_cycle()
+            except Exception:
+                log.exception("post-cycle hook failed")
+
+    def _connection_alive(self) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def _connect(self) -> bool:
+        try:
+            conn = libvirt.openReadOnly(self.uri) if self.read_only else libvirt.open(self.uri)
+            self._stats.calls("open")
+        except libvirt.libvirtError as err:
+            self._stats.calls("open", errors=1)
+            message = str(err).strip()
+            if self.first_connect_error is None:
+                self.first_connect_error = message
+            self._warn.warning("connect", "cannot connect to %s: %s (retrying)", self.uri, message)
+            return False
+        self._lost.clear()
+        self._conn = conn
+        try:
+            try:
+                conn.setKeepAlive(5, 3)
+            except libvirt.libvirtError:
+                pass  # not every driver supports keepalive; the close callback still works
+            conn.registerCloseCallback(self._on_close, None)
+            for event_id, callback in (
+                (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job_2),
+                (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB, self._on_block_job),
+                (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+            ):
+                self._callback_ids.append(conn.domainEventRegisterAny(None, event_id, callback, None))
+            self._resync()
+        except libvirt.libvirtError as err:
+            self._warn.warning("connect", "connected to %s but setting up failed: %s", self.uri, err)
+            self._disconnect()
+            return False
+        if self._ever_connected:
+            self._stats.reconnected()
+            log.info("reconnected to %s", self.uri)
+        else:
+            log.info("connected to %s (%s)", self.uri, "read-only" if self.read_only else "read-write")
+        self._ever_connected = True
+        self._state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
+        return True
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        self._state.apply(ConnectionEvent(False, time.monotonic(), time.time()))
+        if conn is None:
+            return
+        for callback_id in self._callback_ids:
+            try:
+                conn.domainEventDeregisterAny(callback_id)
+            except libvirt.libvirtError:
+                pass
+        self._callback_ids = []
+        try:
+            conn.unregisterCloseCallback()
+        except libvirt.libvirtError:
+            pass
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+        self._domains = {}
+        self._disks_by_domain = {}
+
+    def _list_inventory(self) -> dict[str, list[DiskInfo]]:
+        conn = self._conn
+        assert conn is not None
+        domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        self._stats.calls("listAllDomains")
+        inventory: dict[str, list[DiskInfo]] = {}
+        handles: dict[str, libvirt.virDomain] = {}
+        errors = 0
+        for dom in domains:
+            name = dom.name()
+            try:
+                xml = dom.XMLDesc(0)
+            except libvirt.libvirtError as err:
+                errors += 1
+                self._warn.warning(f"xml:{name}", "cannot read the XML of %s: %s", name, err)
+                continue
+            handles[name] = dom
+            inventory[name] = parse_disks(name, xml)
+        self._stats.calls("XMLDesc", len(domains), errors)
+        self._domains = handles
+        self._disks_by_domain = {name: tuple(d.disk for d in disks) for name, disks in inventory.items()}
+        self._last_inventory = time.monotonic()
+        return inventory
+
+    def _resync(self) -> None:
+        """Full truth after (re)connect: every running domain's disks and every active job."""
+        with self._refresh_lock:
+            self._refresh_domains.clear()
+        call_started = time.monotonic()
+        inventory = self._list_inventory()
+        jobs, complete = self._collect_jobs()
+        outcomes = self._state.resync(inventory, jobs, call_started, jobs_complete=complete)
+        if outcomes:
+            self._notify(outcomes)
+
+    def _refresh_all(self) -> None:
+        """Slow-timer refresh: picks up chain changes and domains no event announced."""
+        inventory = self._list_inventory()
+        with self._refresh_lock:
+            self._refresh_domains.clear()
+        outcomes = self._state.replace_inventory(inventory)
+        if outcomes:
+            self._notify(outcomes)
+
+    def _refresh_domain(self, name: str) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            dom = conn.lookupByName(name)
+            self._stats.calls("lookupByName")
+            if not dom.isActive():
+                raise _DomainGone()
+            xml = dom.XMLDesc(0)
+            self._stats.calls("XMLDesc")
+        except (_DomainGone, libvirt.libvirtError) as err:
+            if isinstance(err, libvirt.libvirtError):
+                if err.get_error_code() not in _DOMAIN_GONE_ERRORS:
+                    self._stats.calls("XMLDesc", 0, errors=1)
+                    raise
+            self._domains.pop(name, None)
+            self._disks_by_domain.pop(name, None)
+            outcomes = self._state.apply(LifecycleEvent(name, "stopped", time.monotonic(), time.time()))
+            if outcomes:
+                self._notify(outcomes)
+            return
+        disks = parse_disks(name, xml)
+        self._domains[name] = dom
+        self._disks_by_domain[name] = tuple(d.disk for d in disks)
+        self._state.update_domain(name, disks)
+
+    def _collect_jobs(self) -> tuple[dict[DiskKey, JobInfo], bool]:
+        jobs: dict[DiskKey, JobInfo] = {}
+        complete = True
+        for name, disk, info, _started in self._iter_job_infos():
+            if info is _FAILED:
+                complete = False
+            elif info is not None:
+                jobs[(name, disk)] = info
+        return jobs, complete
+
+    def _poll_jobs(self) -> None:
+        apply_poll = self._state.apply_poll
+        for name, disk, info, started in self._iter_job_infos():
+            if info is not _FAILED:
+                apply_poll(name, disk, info, started)
+
+    def _iter_job_infos(self) -> Iterable[tuple[str, str, object, float]]:
+        """One ``blockJobInfo`` call per disk of every running domain; failures are skipped."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
+        calls = errors = 0
+        gone: list[str] = []
+        monotonic = time.monotonic
+        try:
+            for name, dom in list(self._domains.items()):
+                for disk in self._disks_by_domain.get(name, ()):
+                    started = monotonic()
+                    calls += 1
+                    try:
+                        raw = dom.blockJobInfo(disk, flags)
+                    except libvirt.libvirtError as err:
+                        errors += 1
+                        if err.get_error_code() in _DOMAIN_GONE_ERRORS:
+                            gone.append(name)
+                            break
+                        if not self._connection_alive():
+                            raise
+                        self._warn.warning(f"job:{name}:{disk}", "blockJobInfo(%s, %s) failed: %s",
+                                           name, disk, err)
+                        yield name, disk, _FAILED, started
+                        continue
+                    yield name, disk, job_info_from_libvirt(raw), started
+        finally:
+            self._stats.calls("blockJobInfo", calls, errors)
+            if gone:
+                with self._refresh_lock:
+                    self._refresh_domains.update(gone)
+                self._wake.set()
+
+    # ------------------------------------------------------------------ actions (policy, enforcing)
+
+    def _writable_domain(self, domain: str) -> libvirt.virDomain:
+        if self.read_only or self._conn is None:
+            raise PermissionError("the libvirt connection is read-only (policy not enforcing) or down")
+        return self._conn.lookupByName(domain)
+
+    def start_pull(self, domain: str, disk: str, bandwidth_bytes: int) -> None:
+        dom = self._writable_domain(domain)
+        try:
+            dom.blockPull(disk, bandwidth_bytes, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
+        finally:
+            self._stats.calls("blockPull")
+        self._poll_one(domain, disk, dom)
+
+    def start_rebase(self, domain: str, disk: str, base_path: str, bandwidth_bytes: int) -> None:
+        dom = self._writable_domain(domain)
+        try:
+            dom.blockRebase(disk, base_path, bandwidth_bytes, libvirt.VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES)
+        finally:
+            self._stats.calls("blockRebase")
+        self._poll_one(domain, disk, dom)
+
+    def abort_job(self, domain: str, disk: str) -> None:
+        dom = self._writable_domain(domain)
+        try:
+            dom.blockJobAbort(disk, 0)
+        finally:
+            self._stats.calls("blockJobAbort")
+
+    def _poll_one(self, domain: str, disk: str, dom: libvirt.virDomain) -> None:
+        """Make a job we just started visible at once, so the next decision counts it."""
+        started = time.monotonic()
+        try:
+            raw = dom.blockJobInfo(disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+            self._stats.calls("blockJobInfo")
+        except libvirt.libvirtError:
+            self._stats.calls("blockJobInfo", errors=1)
+            return
+        self._state.apply_poll(domain, disk, job_info_from_libvirt(raw), started)
+
+
+class _DomainGone(Exception):
+    pass
+
+
+_FAILED = object()
+
+
+def open_read_only_for_plan(uri: str) -> "PlanReader":
+    """A one-shot reader for ``policy plan``: inventory and jobs, no events."""
+    return PlanReader(uri)
+
+
+class PlanReader:
+    def __init__(self, uri: str) -> None:
+        libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
+        self._conn = libvirt.openReadOnly(uri)
+
+    def read(self, state: State) -> None:
+        host = LibvirtHost(uri="", state=state, stats=SelfStats())
+        host._conn = self._conn
+        call_started = time.monotonic()
+        inventory = host._list_inventory()
+        jobs, complete = host._collect_jobs()
+        state.resync(inventory, jobs, call_started, jobs_complete=complete)
+        state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+ConnectError = libvirt.libvirtError
