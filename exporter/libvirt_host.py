@@ -472,6 +472,7 @@ class LibvirtHost:
                     except libvirt.libvirtError as err:
                         errors += 1
                         if err.get_error_code() in _DOMAIN_GONE_ERRORS:
+                            log.info("domain %s went away during the poll; skipping it", name)
                             gone.append(name)
                             break
                         if not self._connection_alive():
