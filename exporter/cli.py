@@ -45,11 +45,12 @@ def _uri_flag(text: str) -> str:
 
 
 def _listen_flag(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not host:port (e.g. :9478 or 127.0.0.1:9478)")
-    if host.startswith("[") != host.endswith("]"):
-        raise argparse.ArgumentTypeError(f"{text!r}: unbalanced brackets around an IPv6 address")
+    from .web import parse_listen_address
+
+    try:
+        parse_listen_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 
@@ -168,13 +169,12 @@ def run_exporter(args: argparse.Namespace) -> int:
         collector.add_extra(notifier.metric_families)
     registry = build_registry(collector)
 
-    links = [("/-/healthy", "health")]
-    server = WebServer(args.listen_address, args.telemetry_path, MetricsRenderer(registry),
-                       web_config=web_config, landing_links=links, version=__version__)
     try:
+        server = WebServer(args.listen_address, args.telemetry_path, MetricsRenderer(registry),
+                           web_config=web_config, version=__version__)
         server.start()
-    except OSError as err:
-        print(f"cannot listen on {args.listen_address}: {err}", file=sys.stderr)
+    except (OSError, ValueError, WebConfigError) as err:
+        print(str(err), file=sys.stderr)
         return 1
     host_addr, port = server.bound_address[:2]
     log.info("libvirt-blockjob-exporter %s listening on %s:%s%s, libvirt %s (%s)", __version__, host_addr, port,
