@@ -1,0 +1,76 @@
+"""``libvirt-blockjob-exporter policy check|plan``: the CLI dispatches here."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from typing import TextIO
+
+from exporter.model import Snapshot
+
+from .config import PolicyError, load_policy
+from .decide import History, SpaceFn, evaluate
+from .engine import format_plan_table
+from .space import estimate_space
+
+
+def policy_check(path: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Validate a policy file: 0 and ``FILE: OK (N rules)``, or 1 and every problem on stderr."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        policy = load_policy(path)
+    except PolicyError as e:
+        print(str(e), file=err)
+        return 1
+    n = len(policy.rules)
+    print(f"{path}: OK ({n} rule{'s' if n != 1 else ''})", file=out)
+    return 0
+
+
+def policy_plan(
+    path: str,
+    source: "str | Snapshot",
+    now: datetime | None = None,
+    space: SpaceFn = estimate_space,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Print what the policy would do right now; never starts anything.
+
+    ``source`` is a libvirt URI (read once over a read-only connection) or a ready Snapshot.
+    Runs as a dry run with an empty history: a running exporter's backoff and give-up state is
+    not visible to a separate command.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        policy = load_policy(path)
+    except PolicyError as e:
+        print(str(e), file=err)
+        return 1
+    if isinstance(source, Snapshot):
+        snapshot = source
+    else:
+        try:
+            snapshot = _read_snapshot(source)
+        except Exception as e:  # libvirtError: connection refused, no such URI, ...
+            print(f"cannot read block jobs from {source}: {e}", file=err)
+            return 1
+    plan = evaluate(snapshot, policy, now or datetime.now().astimezone(), History.empty(), space, enforcing=False)
+    out.write(format_plan_table(plan))
+    return 0
+
+
+def _read_snapshot(uri: str) -> Snapshot:
+    # Imported here: only libvirt_host imports libvirt, and `policy check` must work without it.
+    from exporter.libvirt_host import open_read_only_for_plan
+    from exporter.state import State
+
+    state = State()
+    reader = open_read_only_for_plan(uri)
+    try:
+        reader.read(state)
+    finally:
+        reader.close()
+    return state.snapshot()
