@@ -110,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_exporter(args: argparse.Namespace) -> int:
+    from prometheus_client import ProcessCollector
+
     from .collector import BlockJobCollector, MetricsRenderer, build_registry
     from .libvirt_host import LibvirtHost
     from .selfstats import SelfStats
@@ -168,6 +170,8 @@ def run_exporter(args: argparse.Namespace) -> int:
     if notifier is not None:
         collector.add_extra(notifier.metric_families)
     registry = build_registry(collector)
+    # process_start_time_seconds lets the failure alert tell an exporter restart from a new series.
+    ProcessCollector(registry=registry)
 
     try:
         server = WebServer(args.listen_address, args.telemetry_path, MetricsRenderer(registry),
