@@ -420,7 +420,9 @@ class LibvirtHost:
         try:
             dom = conn.lookupByName(name)
             self._stats.calls("lookupByName")
-            if not dom.isActive():
+            active = dom.isActive()
+            self._stats.calls("isActive")
+            if not active:
                 raise _DomainGone()
             xml = dom.XMLDesc(0)
             self._stats.calls("XMLDesc")
