@@ -231,9 +231,15 @@ or
 """
 
     s = t["stalled"]
+    # Measured at the exporter's last poll, not at time(): while a poll cycle hangs (one domain's
+    # QEMU monitor not answering blocks the whole cycle) no cursor is seen moving, and time() would
+    # make every job on the host look stalled.
     stalled_expr = f"""
 (
-  time() - libvirt_blockjob_cursor_last_change_timestamp_seconds{{{sel}}} > {_seconds(s["after"])}
+  libvirt_blockjob_last_poll_timestamp_seconds{{{sel}}}
+  - on (job, instance) group_right
+  libvirt_blockjob_cursor_last_change_timestamp_seconds{{{sel}}}
+  > {_seconds(s["after"])}
 )
 unless on (job, instance, domain, disk, job_type)
 libvirt_blockjob_ready{{{sel}}} == 1

@@ -1,10 +1,13 @@
-"""The PromQL of a Grafana dashboard, with its variables filled in, for checking it against Prometheus.
+r"""The PromQL of a Grafana dashboard, with its variables filled in, for checking it against Prometheus.
 
     for title, promql in dashboard_queries(DASHBOARD, job="libvirt-blockjob", instance=".*"):
         prom.query(promql)
 
-`job` and `instance` are put in verbatim: they stand inside `=~"..."`, so pass regexes (".*",
-re.escape(address)). Unknown variables raise ValueError, so a typo in a dashboard cannot pass.
+`job` and `instance` are regexes (".*", re.escape(address)); they stand inside `=~"..."`, so they are
+escaped for a PromQL string literal first (a backslash doubled), as Grafana's Prometheus data source
+does: `re.escape("127.0.0.1:9478")` becomes `instance=~"127\\.0\\.0\\.1:9478"`, which Prometheus
+reads as the regex `127\.0\.0\.1:9478` (put in verbatim, `\.` is a PromQL parse error).
+Unknown variables raise ValueError, so a typo in a dashboard cannot pass.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def dashboard_queries(path: str | Path = DASHBOARD, job: str = ".*", instance: s
     dashboard: dict[str, Any] = json.loads(Path(path).read_text())
     seconds = _seconds(range_)
     values = {
-        "job": job, "instance": instance,
+        "job": promql_string_escape(job), "instance": promql_string_escape(instance),
         "__rate_interval": rate_interval, "__interval": interval,
         "__interval_ms": str(int(_seconds(interval) * 1000)),
         "__range": range_, "__range_s": str(int(seconds)), "__range_ms": str(int(seconds * 1000)),
@@ -55,6 +58,11 @@ def dashboard_queries(path: str | Path = DASHBOARD, job: str = ".*", instance: s
             if expr and not target.get("hide"):
                 queries.append((panel.get("title", ""), substitute(expr, values)))
     return queries
+
+
+def promql_string_escape(value: str) -> str:
+    """`value` as the inside of a double-quoted PromQL string (Go escapes: backslash and quote)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _seconds(duration: str) -> float:

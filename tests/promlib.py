@@ -415,23 +415,39 @@ class _WebhookHandler(_QuietHandler):
 
 
 class WebhookReceiver(_HTTPServer):
-    """Records Alertmanager webhook posts; `url` goes into a webhook_config."""
+    """Records Alertmanager webhook posts and when each arrived; `url` goes into a webhook_config."""
 
     def __init__(self) -> None:
         super().__init__(_WebhookHandler)
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self._lock = threading.Lock()
         self.posts: list[dict] = []
+        self._arrivals: list[float] = []  # time.time() at which posts[i] arrived
 
     def _record(self, path: str, payload: dict) -> None:
+        now = time.time()
         with self._lock:
             self.posts.append(payload)
+            self._arrivals.append(now)
+
+    def arrivals(self, status: str | None = None) -> list[tuple[float, dict]]:
+        """(arrival time as time.time(), alert) for every alert of every post so far, in order."""
+        with self._lock:
+            posts = list(zip(self._arrivals, self.posts))
+        return [(at, a) for at, p in posts for a in p.get("alerts", [])
+                if status is None or a.get("status") == status]
 
     def alerts(self, status: str | None = None) -> list[dict]:
         """Every alert of every post so far, in order (an alert repeats if notified again)."""
-        with self._lock:
-            posts = list(self.posts)
-        return [a for p in posts for a in p.get("alerts", []) if status is None or a.get("status") == status]
+        return [alert for _, alert in self.arrivals(status)]
+
+    def first_arrival(self, name: str, labels: Mapping[str, str] | None = None,
+                      status: str = "firing") -> float | None:
+        """When the first notification of alert `name` with `labels` arrived (time.time()), or None."""
+        for at, alert in self.arrivals(status):
+            if alert["labels"].get("alertname") == name and labels_match(alert["labels"], labels):
+                return at
+        return None
 
     def wait_for_alert(self, name: str, labels: Mapping[str, str] | None = None, timeout: float = 15.0,
                        status: str = "firing") -> dict:

@@ -155,16 +155,18 @@ def test_selector_parser():
 
 
 def test_dashboard_queries_helper():
-    queries = dashboard_queries(DASHBOARD, "libvirt-blockjob", "127\\.0\\.0\\.1:9478")
+    queries = dashboard_queries(DASHBOARD, "libvirt-blockjob", re.escape("127.0.0.1:9478"))
     assert len(queries) == sum(1 for _ in targets())
     for title, promql in queries:
         assert "$" not in promql, (title, promql)
-    assert any('job=~"libvirt-blockjob", instance=~"127\\.0\\.0\\.1:9478"' in q for _, q in queries)
+    # The regex 127\.0\.0\.1:9478, written as a PromQL string literal (backslashes doubled).
+    assert any('job=~"libvirt-blockjob", instance=~"127\\\\.0\\\\.0\\\\.1:9478"' in q for _, q in queries)
     assert any("[1m]" in q for _, q in queries)
 
 
 @pytest.mark.e2e
 def test_every_query_is_valid_promql(tmp_path, prometheus_factory):
     prom = prometheus_factory(targets=[], rule_files=[REPO / "config" / "prometheus" / "recording-rules.yml"])
-    for title, promql in dashboard_queries(DASHBOARD, "libvirt-blockjob", ".*"):
-        prom.query(promql)  # raises on a parse or evaluation error
+    for instance in (".*", re.escape("127.0.0.1:9478")):  # an escaped regex must stay valid PromQL
+        for title, promql in dashboard_queries(DASHBOARD, "libvirt-blockjob", instance):
+            prom.query(promql)  # raises on a parse or evaluation error

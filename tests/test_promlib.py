@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -35,8 +36,12 @@ def test_failure_alert_reaches_webhook(tmp_path, metrics_server, alertmanager, w
     assert [a for a in prom.alerts() if a["labels"]["alertname"] == "LibvirtBlockJobFailed"] == []
 
     # The first failure on a disk: the counter appears already at 1.
+    failed_at = time.time()
     metrics_server.text = BASE.format(cycles=20) + FAILED
     hit = webhook_receiver.wait_for_alert("LibvirtBlockJobFailed", {"domain": "d", "disk": "vda"}, timeout=20)
+    arrived = webhook_receiver.first_arrival("LibvirtBlockJobFailed", {"domain": "d"})
+    assert arrived is not None and failed_at < arrived <= time.time()
+    assert webhook_receiver.first_arrival("LibvirtBlockJobFailed", {"domain": "other"}) is None
     assert hit["labels"]["job_type"] == "pull"
     assert hit["labels"]["severity"] == "critical"
     assert hit["labels"]["job"] == "libvirt-blockjob"
