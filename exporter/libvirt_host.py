@@ -155,6 +155,9 @@ class LibvirtHost:
         self._last_inventory = 0.0
         self._threads: list[threading.Thread] = []
         self._warn = _RateLimitedLog()
+        self._call_timeout = max(1.0, 2 * poll_interval)
+        self._unresponsive_lock = threading.Lock()
+        self._unresponsive: set[str] = set()
         self.first_connect_error: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -450,6 +453,8 @@ class LibvirtHost:
                 complete = False
             elif info is not None:
                 jobs[(name, disk)] = info
+        if self.unresponsive_domains():
+            complete = False  # a hung domain's jobs are unknown, not ended
         return jobs, complete
 
     def _poll_jobs(self) -> None:
@@ -459,37 +464,69 @@ class LibvirtHost:
                 apply_poll(name, disk, info, started)
 
     def _iter_job_infos(self) -> Iterable[tuple[str, str, object, float]]:
-        """One ``blockJobInfo`` call per disk of every running domain; failures are skipped."""
-        flags = libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
+        """One ``blockJobInfo`` call per disk of every running domain; failures are skipped.
+
+        The calls run on a reader thread: a domain whose QEMU stops answering its monitor blocks
+        its call with no timeout, and the poller must walk away from it rather than freeze every
+        other job's metrics. Such a domain is skipped until its outstanding call returns.
+        """
+        with self._unresponsive_lock:
+            skipped = set(self._unresponsive)
+        targets = [(name, dom, disk) for name, dom in list(self._domains.items()) if name not in skipped
+                   for disk in self._disks_by_domain.get(name, ())]
         calls = errors = 0
         gone: list[str] = []
-        monotonic = time.monotonic
         try:
-            for name, dom in list(self._domains.items()):
-                for disk in self._disks_by_domain.get(name, ()):
-                    started = monotonic()
-                    calls += 1
-                    try:
-                        raw = dom.blockJobInfo(disk, flags)
-                    except libvirt.libvirtError as err:
-                        errors += 1
-                        if err.get_error_code() in _DOMAIN_GONE_ERRORS:
-                            log.info("domain %s went away during the poll; skipping it", name)
-                            gone.append(name)
-                            break
-                        if not self._connection_alive():
-                            raise
-                        self._warn.warning(f"job:{name}:{disk}", "blockJobInfo(%s, %s) failed: %s",
-                                           name, disk, err)
-                        yield name, disk, _FAILED, started
-                        continue
-                    yield name, disk, job_info_from_libvirt(raw), started
+            for name, disk, outcome, started in self._read_job_infos(targets):
+                calls += 1
+                if not isinstance(outcome, libvirt.libvirtError):
+                    yield name, disk, job_info_from_libvirt(outcome), started
+                    continue
+                errors += 1
+                if outcome.get_error_code() in _DOMAIN_GONE_ERRORS:
+                    if name not in gone:
+                        log.info("domain %s went away during the poll; skipping it", name)
+                        gone.append(name)
+                    continue
+                if not self._connection_alive():
+                    raise outcome
+                self._warn.warning(f"job:{name}:{disk}", "blockJobInfo(%s, %s) failed: %s", name, disk, outcome)
+                yield name, disk, _FAILED, started
         finally:
             self._stats.calls("blockJobInfo", calls, errors)
             if gone:
                 with self._refresh_lock:
                     self._refresh_domains.update(gone)
                 self._wake.set()
+
+    def _read_job_infos(self, targets: list[tuple[str, "libvirt.virDomain", str]]) -> list[tuple]:
+        results: list[tuple] = []
+        position = 0
+        while position < len(targets):
+            reader = _JobInfoReader(targets[position:], self._answered_again)
+            reader.start()
+            stuck_at = reader.wait(self._call_timeout, results)
+            if stuck_at is None:
+                break
+            name = targets[position + stuck_at][0]
+            with self._unresponsive_lock:
+                self._unresponsive.add(name)
+            self._warn.warning(f"stuck:{name}", "blockJobInfo on %s has not answered for %.1fs; skipping the "
+                               "domain until it does", name, self._call_timeout)
+            position += stuck_at + 1
+            while position < len(targets) and targets[position][0] == name:
+                position += 1
+        return results
+
+    def _answered_again(self, name: str) -> None:
+        with self._unresponsive_lock:
+            self._unresponsive.discard(name)
+        log.info("domain %s answers blockJobInfo again", name)
+        self._wake.set()
+
+    def unresponsive_domains(self) -> int:
+        with self._unresponsive_lock:
+            return len(self._unresponsive)
 
     # ------------------------------------------------------------------ actions (policy, enforcing)
 
@@ -535,6 +572,65 @@ class LibvirtHost:
 
 class _DomainGone(Exception):
     pass
+
+
+class _JobInfoReader(threading.Thread):
+    """Reads ``blockJobInfo`` for a list of disks, so that its caller can give up on a hung call.
+
+    A blocked libvirt call cannot be interrupted; the caller abandons the reader instead, and the
+    reader drops the late answer and reports the domain as answering again when it comes.
+    """
+
+    _FLAGS = libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
+
+    def __init__(self, targets: list, answered_again: Callable[[str], None]) -> None:
+        super().__init__(name="blockjob-reader", daemon=True)
+        self._targets = targets
+        self._answered_again = answered_again
+        self._lock = threading.Lock()
+        self._results: list[tuple] = []
+        self._position = 0
+        self._call_started: float | None = None
+        self._abandoned = False
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        monotonic = time.monotonic
+        try:
+            for index, (name, dom, disk) in enumerate(self._targets):
+                with self._lock:
+                    if self._abandoned:
+                        return
+                    self._position = index
+                    self._call_started = started = monotonic()
+                try:
+                    outcome = dom.blockJobInfo(disk, self._FLAGS)
+                except libvirt.libvirtError as err:
+                    outcome = err
+                with self._lock:
+                    late = self._abandoned
+                    if not late:
+                        self._results.append((name, disk, outcome, started))
+                        self._call_started = None
+                if late:
+                    self._answered_again(name)
+                    return
+        finally:
+            self._done.set()
+
+    def wait(self, call_timeout: float, results: list) -> int | None:
+        """Collect the results; returns None when all were read, else the index of the hung call."""
+        while not self._done.wait(min(0.05, call_timeout)):
+            with self._lock:
+                started = self._call_started
+                if started is None or time.monotonic() - started <= call_timeout:
+                    continue
+                self._abandoned = True
+                results.extend(self._results)
+                return self._position
+        with self._lock:
+            results.extend(self._results)
+        return None
 
 
 _FAILED = object()

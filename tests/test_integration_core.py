@@ -255,3 +255,29 @@ def test_bad_flags_exit_2_with_a_clear_message(flag):
 def test_version_flag():
     result = run_exporter_command(["--version"])
     assert result.returncode == 0 and "libvirt-blockjob-exporter" in result.stdout
+
+
+def test_a_hung_domain_does_not_freeze_the_other_jobs(vm_factory, exporter):
+    """A QEMU that stops answering blocks blockJobInfo forever; only that domain may go stale."""
+    moving = vm_factory.create("moving", depth=1, data_mib=200, paused=True)
+    hung = vm_factory.create("hung", depth=1, data_mib=200, paused=True)
+    ex = exporter()
+    vmlib.start_pull(moving, "vda", bandwidth_bytes=4 * MiB)
+    vmlib.start_pull(hung, "vda", bandwidth_bytes=4 * MiB)
+    for vm in (moving, hung):
+        ex.wait_value("libvirt_blockjob_cursor", job_labels(vm.name), lambda v: v is not None, timeout=5)
+    pid = int(open(f"/run/libvirt/qemu/{hung.name}.pid").read().strip())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # past the 1 s call timeout: the poller has walked away from the hung domain
+        before = ex.value("libvirt_blockjob_cursor", job_labels(moving.name))
+        ex.wait_value("libvirt_blockjob_cursor", job_labels(moving.name), lambda v: v is not None and v > before,
+                      timeout=5, what="cursor of the healthy domain while another hangs")
+        assert "has not answered" in ex.output()
+        frozen = ex.value("libvirt_blockjob_cursor", job_labels(hung.name))
+        assert frozen is not None  # its job is unknown, not ended
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ex.wait_value("libvirt_blockjob_cursor", job_labels(hung.name), lambda v: v is not None and v > frozen,
+                  timeout=10, what="cursor of the domain once it answers again")
+    assert outcome_counts(ex, hung.name) == {"completed": 0, "failed": 0, "canceled": 0}
