@@ -410,9 +410,9 @@ class LibvirtHost:
 
     def _refresh_all(self) -> None:
         """Slow-timer refresh: picks up chain changes and domains no event announced."""
-        inventory = self._list_inventory()
         with self._refresh_lock:
-            self._refresh_domains.clear()
+            self._refresh_domains.clear()  # before listing: requests made meanwhile must survive
+        inventory = self._list_inventory()
         outcomes = self._state.replace_inventory(inventory)
         if outcomes:
             self._notify(outcomes)
