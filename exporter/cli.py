@@ -162,9 +162,14 @@ def run_exporter(args: argparse.Namespace) -> int:
                        read_only=not args.policy_enforce, on_outcomes=on_outcomes)
     collector = BlockJobCollector(state, stats, __version__)
     if args.policy_file:
+        from .policy.config import PolicyError
         from .policy.engine import PolicyEngine
 
-        engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host)
+        try:
+            engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host)
+        except PolicyError as err:  # the file changed since it was checked above
+            print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
+            return 1
         collector.add_extra(engine.metric_families)
         host.set_after_cycle(lambda: engine.evaluate_and_act(state.snapshot()))
     if notifier is not None:
@@ -203,14 +208,42 @@ def run_exporter(args: argparse.Namespace) -> int:
     if notifier is not None:
         notifier.start()
     host.start()
-    while not stop.wait(3600):
-        pass
+    _wait_for_signals(stop)
     server.shutdown()
     host.stop()
     if notifier is not None:
         notifier.stop()
     log.info("stopped")
     return 0
+
+
+def _wait_for_signals(stop: threading.Event) -> None:
+    """Block the main thread until ``stop``, running signal handlers as soon as a signal arrives.
+
+    Python runs handlers only in the main thread, and a blocking wait there is interrupted only
+    if the kernel delivers the signal to that very thread; with the poller, event-loop and web
+    threads about, about one SIGHUP in ten landed elsewhere and waited for the next wake-up.
+    The wakeup fd is written whichever thread takes the signal, so select() returns at once.
+    """
+    import select
+    import socket
+
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    try:
+        while not stop.is_set():
+            select.select([reader], [], [], 60)
+            try:
+                while reader.recv(512):
+                    pass
+            except BlockingIOError:
+                pass
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
 
 
 def policy_main(argv: Sequence[str]) -> int:

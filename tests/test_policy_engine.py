@@ -338,12 +338,32 @@ def test_abort_outside_window_then_restart_next_window(tmp_path):
     assert [c[0] for c in host.calls] == ["start_pull", "abort_job", "start_pull"]
 
 
+def test_cancel_event_arriving_during_our_own_abort_is_not_a_failure(tmp_path):
+    # libvirt's blockJobAbort is synchronous: the "canceled" event is dispatched (on another
+    # thread) before abort_job returns.
+    class EventDuringAbort(FakeHost):
+        def abort_job(self, domain, disk):
+            super().abort_job(domain, disk)
+            engine.on_outcome(domain, disk, "pull", "canceled", clock.t + 0.5)
+
+    engine, host, clock = make(tmp_path, host=EventDuringAbort(), limits=WINDOW)
+    engine.evaluate_and_act(snap([disk("a")]))
+    clock.t = MONDAY_6AM
+    engine.evaluate_and_act(snap([disk("a")], jobs=[job("a")]))
+    h = engine.history().disks[("a", "vda")]
+    assert (h.failures, h.running, h.aborting) == (0, False, False)
+    clock.t += 1
+    assert engine.evaluate_and_act(snap([disk("a")])).decisions[0].reason == "window"
+    assert value(exposition(engine), 'libvirt_blockjob_policy_errors_total{rule="all"}') == 0
+
+
 def test_failed_abort_is_retried(tmp_path):
     engine, host, clock = make(tmp_path, host=FakeHost(fail={"abort_job"}), limits=WINDOW)
     engine.evaluate_and_act(snap([disk("a")]))
     clock.t = MONDAY_6AM
     s = snap([disk("a")], jobs=[job("a")])
     assert engine.evaluate_and_act(s).decisions[0].error == "abort_job failed: internal error"
+    assert not engine.history().disks[("a", "vda")].aborting
     engine.evaluate_and_act(s)
     assert [c[0] for c in host.calls] == ["start_pull", "abort_job", "abort_job"]
 

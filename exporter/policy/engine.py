@@ -152,17 +152,25 @@ class PolicyEngine:
             if d.action == "start":
                 decisions[i] = self._start(d, snapshot, policy)
             elif d.action == "abort":
+                # Marked before the call: libvirt's abort is synchronous, so the "canceled" event
+                # can reach on_outcome before abort_job returns, and must not look like an
+                # operator's cancel (a failed attempt with backoff).
+                with self._lock:
+                    h = self._history.get(d.key)
+                    if h is not None and h.running:
+                        self._history[d.key] = replace(h, aborting=True)
+                log.info("policy: aborting pull on %s/%s (rule %s): window closed", d.domain, d.disk, d.rule)
                 try:
                     self._host.abort_job(d.domain, d.disk)
                 except Exception as e:  # the host raises libvirtError and friends
                     log.warning("policy: aborting pull on %s/%s failed: %s", d.domain, d.disk, e)
                     decisions[i] = replace(d, error=str(e) or type(e).__name__)
+                    with self._lock:  # not aborting after all: the next evaluation tries again
+                        h = self._history.get(d.key)
+                        if h is not None and h.aborting:
+                            self._history[d.key] = replace(h, aborting=False)
                 else:
                     log.info("policy: aborted pull on %s/%s (rule %s): window closed", d.domain, d.disk, d.rule)
-                    with self._lock:
-                        h = self._history.get(d.key)
-                        if h is not None:
-                            self._history[d.key] = replace(h, aborting=True)
         return replace(plan, decisions=tuple(decisions))
 
     def _start(self, d: Decision, snapshot: Snapshot, policy: Policy) -> Decision:
