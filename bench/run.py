@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report  # noqa: E402
-from bench.fleet import PREFIX, Fleet  # noqa: E402
+from bench.fleet import Fleet  # noqa: E402
 from bench.libvirt_probe import Probe  # noqa: E402
 from bench.probes import (  # noqa: E402
     DebianExporter,
@@ -131,8 +131,9 @@ def wait_ready(ours: Ours, fleet: Fleet, timeout: float = 90.0) -> Metrics:
     last = ""
     while time.monotonic() < deadline:
         m = ours.metrics()
+        ours_names = {vm.name for vm in fleet.vms}  # not just the prefix: another run may share the host
         disks = [lbls for lbls in m.series("libvirt_blockjob_backing_chain_depth")
-                 if dict(lbls)["domain"].startswith(PREFIX)]
+                 if dict(lbls)["domain"] in ours_names]
         jobs = {dict(lbls)["domain"] for lbls in m.series("libvirt_blockjob_cursor")}
         cycles = m.get("libvirt_blockjob_poll_cycles_total", 0.0)
         if m.get("libvirt_blockjob_up") == 1 and len(disks) == want_disks and want_jobs <= jobs and cycles >= 2:
