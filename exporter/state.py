@@ -168,19 +168,7 @@ class State:
             if job is None:
                 self._start_job(key, info, now)
                 return
-            cursor_changed = info.cur != job.cur
-            updated = replace(
-                job,
-                cur=info.cur,
-                end=info.end,
-                bandwidth=info.bandwidth,
-                ready=job.ready or info.ready,
-                cursor_changed_time=now if cursor_changed else job.cursor_changed_time,
-                observed_time=now,
-            )
-            if updated != job:
-                self._jobs[key] = updated
-                self._changed()
+            self._update_job(key, job, info, now)
 
     def expire_pending(self) -> tuple[OutcomeRecord, ...]:
         """Infer outcomes for jobs the poll lost longer than the grace ago with no event."""
@@ -209,9 +197,7 @@ class State:
     def replace_inventory(self, disks: Mapping[str, Iterable[DiskInfo]]) -> tuple[OutcomeRecord, ...]:
         """Replace the disk inventory; jobs of domains no longer running end (inferred)."""
         with self._lock:
-            self._running = set(disks)
-            new_disks = {d.key: d for domain_disks in disks.values() for d in domain_disks}
-            self._replace_disks(lambda key: True, new_disks)
+            self._set_inventory(disks)
             records = []
             for key in [k for k in self._jobs if k[0] not in self._running]:
                 outcome = infer_outcome(self._jobs[key], self._tracked.get(key), None, False)
@@ -228,9 +214,7 @@ class State:
         they were rather than being counted as ended.
         """
         with self._lock:
-            self._running = set(disks)
-            new_disks = {d.key: d for domain_disks in disks.values() for d in domain_disks}
-            self._replace_disks(lambda key: True, new_disks)
+            self._set_inventory(disks)
             records = []
             for key in list(self._jobs):
                 if key in jobs:
@@ -256,11 +240,7 @@ class State:
                         records.append(self._end_job(key, "failed", inferred=True))
                     self._start_job(key, info, now)
                 else:
-                    self._jobs[key] = replace(
-                        job, cur=info.cur, end=info.end, bandwidth=info.bandwidth,
-                        ready=job.ready or info.ready,
-                        cursor_changed_time=now if info.cur != job.cur else job.cursor_changed_time,
-                        observed_time=now)
+                    self._update_job(key, job, info, now)
             self._changed()
             return tuple(records)
 
@@ -269,6 +249,26 @@ class State:
     def _changed(self) -> None:
         self._version += 1
         self._snapshot = None
+
+    def _set_inventory(self, disks: Mapping[str, Iterable[DiskInfo]]) -> None:
+        self._running = set(disks)
+        new_disks = {d.key: d for domain_disks in disks.values() for d in domain_disks}
+        self._replace_disks(lambda key: True, new_disks)
+
+    def _update_job(self, key: DiskKey, job: ActiveJob, info: JobInfo, now: float) -> None:
+        """A new sample of a known job; the cursor's change time moves only when it moves."""
+        updated = replace(
+            job,
+            cur=info.cur,
+            end=info.end,
+            bandwidth=info.bandwidth,
+            ready=job.ready or info.ready,
+            cursor_changed_time=now if info.cur != job.cur else job.cursor_changed_time,
+            observed_time=now,
+        )
+        if updated != job:
+            self._jobs[key] = updated
+            self._changed()
 
     def _replace_disks(self, selected: Callable[[DiskKey], bool], new: dict[DiskKey, DiskInfo]) -> None:
         changed = False
