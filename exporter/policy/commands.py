@@ -8,20 +8,26 @@ from typing import TextIO
 
 from exporter.model import Snapshot
 
-from .config import PolicyError, load_policy
+from .config import Policy, PolicyError, load_policy
 from .decide import History, SpaceFn, evaluate
 from .engine import format_plan_table
 from .space import estimate_space
 
 
+def _load_or_report(path: str, err: TextIO) -> Policy | None:
+    """The policy, or None after printing every problem of the file to ``err``."""
+    try:
+        return load_policy(path)
+    except PolicyError as e:
+        print(str(e), file=err)
+        return None
+
+
 def policy_check(path: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Validate a policy file: 0 and ``FILE: OK (N rules)``, or 1 and every problem on stderr."""
     out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        policy = load_policy(path)
-    except PolicyError as e:
-        print(str(e), file=err)
+    policy = _load_or_report(path, err or sys.stderr)
+    if policy is None:
         return 1
     n = len(policy.rules)
     print(f"{path}: OK ({n} rule{'s' if n != 1 else ''})", file=out)
@@ -44,10 +50,8 @@ def policy_plan(
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        policy = load_policy(path)
-    except PolicyError as e:
-        print(str(e), file=err)
+    policy = _load_or_report(path, err)
+    if policy is None:
         return 1
     if isinstance(source, Snapshot):
         snapshot = source
