@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import textwrap
 import threading
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
+from certlib import make_cert
 
 from exporter import web as webmod
 from exporter.web import DEFAULT_LISTEN_ADDRESS, WebServer, parse_listen_address
@@ -30,17 +30,6 @@ BODY = b"".join(b'libvirt_blockjob_progress_ratio{domain="vm%05d",disk="vda"} 0.
 CTYPE = "text/plain; version=0.0.4; charset=utf-8"
 PASSWORD = "correct horse"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
-
-
-
-def make_cert(directory: Path, name: str, san: str = "IP:127.0.0.1,DNS:localhost") -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
-         "-addext", f"subjectAltName={san}"],
-        check=True, capture_output=True)
-    return cert, key
 
 
 class Metrics:

@@ -7,12 +7,12 @@ import os
 import re
 import shutil
 import ssl
-import subprocess
 import textwrap
 from pathlib import Path
 
 import bcrypt
 import pytest
+from certlib import make_cert
 
 from exporter.webconfig import (
     WebConfig,
@@ -28,17 +28,6 @@ HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
 needs_openssl = pytest.mark.skipif(
     shutil.which("openssl") is None and not os.environ.get("LBJE_REQUIRE_TOOLS"),
     reason="openssl CLI not installed")
-
-
-def make_cert(directory: Path, name: str, san: str = "IP:127.0.0.1,DNS:localhost") -> tuple[Path, Path]:
-    """A self-signed EC certificate and its key, made with the openssl CLI."""
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
-         "-addext", f"subjectAltName={san}"],
-        check=True, capture_output=True)
-    return cert, key
 
 
 def write(tmp_path: Path, text: str, name: str = "web.yml") -> Path:
