@@ -281,8 +281,8 @@ def qemu_pid(vm: vmlib.VM) -> int:
 
 
 def test_hanging_poll_does_not_make_moving_jobs_stalled(stack, vm_factory):
-    """A QEMU that does not answer its monitor hangs the exporter's poll cycle; the jobs it can no longer
-    see moving must not be reported stalled (LibvirtBlockJobStalled is measured up to the last poll)."""
+    """A QEMU that does not answer its monitor blocks blockJobInfo on it; the other jobs must keep
+    moving in the exporter and never be reported stalled."""
     prom = stack.prometheus
     hung = vm_factory.create(f"{LABEL}-hung", depth=1, data_mib=8, paused=True)
     vm = vm_factory.create(f"{LABEL}-moving", depth=1, data_mib=200, paused=True)
@@ -297,16 +297,17 @@ def test_hanging_poll_does_not_make_moving_jobs_stalled(stack, vm_factory):
         stack.exporter.wait_value("libvirt_blockjob_cursor", job_labels(hung.name), lambda v: v is not None,
                                   timeout=10)
         prom.wait_for_query(f"libvirt_blockjob_cursor{{{selector}}} > 0", timeout=15)
-        os.kill(pid, signal.SIGSTOP)  # the next blockJobInfo on it never returns: the poll cycle hangs
+        os.kill(pid, signal.SIGSTOP)  # the next blockJobInfo on it never returns
         stopped = time.monotonic()
+        shown = stack.exporter.value("libvirt_blockjob_cursor", job_labels(vm.name))
         # Not longer than needed: other exporters on a shared host hang on this domain too.
         assert_never_stalled(prom, vm, STALL_AFTER_S + 2)
-        before = vmlib.job_info(vm)
-        # The poll really hung (else this test proves nothing), while the job kept moving.
+        # The hung call really happened (else this test proves nothing): the poller walked away from
+        # it, and the moving job's progress kept being exported meanwhile.
+        assert "has not answered" in stack.exporter.output()
         since_poll = prom.query_value("time() - libvirt_blockjob_last_poll_timestamp_seconds")
-        assert since_poll is not None and since_poll > STALL_AFTER_S, since_poll
-        assert before is not None and before["cur"] > stack.exporter.value("libvirt_blockjob_cursor",
-                                                                           job_labels(vm.name))
+        assert since_poll is not None and since_poll < STALL_AFTER_S, since_poll
+        assert stack.exporter.value("libvirt_blockjob_cursor", job_labels(vm.name)) > shown
     finally:
         os.kill(pid, signal.SIGCONT)
         for each in (vm, hung):
