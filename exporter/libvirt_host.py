@@ -20,7 +20,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterable, Iterator
 
 import libvirt
 
@@ -64,32 +65,93 @@ _LIFECYCLE = {
 _STOPPED_BY_FAILURE = (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
 _DOMAIN_GONE_ERRORS = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
 
-_event_loop_lock = threading.Lock()
-_event_loop_started = False
-
-
 def _silence_libvirt_stderr(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; we log the ones we care about instead."""
 
 
-def ensure_event_loop() -> None:
+class _EventLoop:
+    """libvirt's default event loop on its own thread, which a poll cycle can hold still.
+
+    While the loop thread waits in ``poll()``, every RPC that another thread makes wakes it two or
+    three times: libvirt switches the connection's watch off and on around each call and re-arms
+    the keepalive timer on every reply. At 200 disks a second that was 1.2 % of a core spent on
+    nothing (bench: 2.85 % for a bare ``blockJobInfo`` loop beside a running loop, 1.67 % with the
+    loop held). libvirt only interrupts a loop that is inside an iteration, so a poll cycle parks
+    the loop thread between iterations; events that arrive meanwhile wait in libvirt's queue and
+    are delivered as soon as the cycle ends (a delay of at most one cycle, ~0.1 s at 200 disks).
+    """
+
+    _PARK_WAIT = 0.05  # a loop busy in a callback parks right after it; never wait longer
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._holders = 0
+        self._parked = False
+        # Set when the last holder lets go: the loop then runs at least one iteration before it
+        # parks again, so back-to-back cycles (a poll interval shorter than a cycle) cannot
+        # starve event delivery.
+        self._turn_owed = False
+        self._kick_timer = -1
+
+    def start(self) -> None:
+        libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
+        libvirt.virEventRegisterDefaultImpl()
+        # A disabled timer: arming it ends the loop's current iteration, so it can park.
+        self._kick_timer = libvirt.virEventAddTimeout(-1, self._on_kick, None)
+        threading.Thread(target=self._run, name="libvirt-event-loop", daemon=True).start()
+
+    def _run(self) -> None:
+        run_once = libvirt.virEventRunDefaultImpl
+        cond = self._cond
+        while True:
+            if self._holders:
+                with cond:
+                    while self._holders and not self._turn_owed:
+                        self._parked = True
+                        cond.notify_all()
+                        cond.wait()
+                    self._parked = False
+                    self._turn_owed = False
+            run_once()
+
+    @staticmethod
+    def _on_kick(timer: int, _opaque: object) -> None:
+        libvirt.virEventUpdateTimeout(timer, -1)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep the loop parked for the duration (nestable; other threads may hold it too)."""
+        with self._cond:
+            self._holders += 1
+            if not self._parked or self._turn_owed:
+                libvirt.virEventUpdateTimeout(self._kick_timer, 0)
+                self._cond.wait_for(lambda: self._parked and not self._turn_owed, self._PARK_WAIT)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                if not self._holders:
+                    self._turn_owed = True
+                    self._cond.notify_all()
+
+
+_event_loop_lock = threading.Lock()
+_event_loop: _EventLoop | None = None
+
+
+def ensure_event_loop() -> _EventLoop:
     """Start libvirt's default event loop once per process, before any connection is opened.
 
     Opening a connection first means no event is ever delivered on it.
     """
-    global _event_loop_started
+    global _event_loop
     with _event_loop_lock:
-        if _event_loop_started:
-            return
-        libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-event-loop", daemon=True).start()
-        _event_loop_started = True
+        if _event_loop is None:
+            loop = _EventLoop()
+            loop.start()
+            _event_loop = loop
+        return _event_loop
 
 
 def job_info_from_libvirt(raw: dict) -> JobInfo | None:
@@ -150,6 +212,7 @@ class LibvirtHost:
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self._domains: dict[str, libvirt.virDomain] = {}
+        self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
         self._disks_by_domain: dict[str, tuple[str, ...]] = {}
         self._ever_connected = False
         self._last_inventory = 0.0
@@ -159,11 +222,12 @@ class LibvirtHost:
         self._unresponsive_lock = threading.Lock()
         self._unresponsive: set[str] = set()
         self.first_connect_error: str | None = None
+        self._event_loop: _EventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        ensure_event_loop()
+        self._event_loop = ensure_event_loop()
         for name, target in (("dispatcher", self._dispatch_loop), ("poller", self._poll_loop)):
             thread = threading.Thread(target=target, name=f"blockjob-{name}", daemon=True)
             thread.start()
@@ -277,19 +341,17 @@ class LibvirtHost:
             self._wake.clear()
 
     def _cycle(self, next_poll: float) -> None:
-        now = time.monotonic()
-        if now - self._last_inventory >= self._inventory_interval:
-            self._refresh_all()
-        else:
-            with self._refresh_lock:
-                domains, self._refresh_domains = self._refresh_domains, set()
-            for name in sorted(domains):
-                try:
-                    self._refresh_domain(name)
-                except libvirt.libvirtError as err:
-                    if not self._connection_alive():
-                        raise
-                    self._warn.warning(f"xml:{name}", "cannot refresh %s: %s", name, err)
+        """Event-driven refreshes, then the poll, then the slow inventory refresh: the poll starts
+        on time every cycle, so a job's progress is read at the same point of each interval."""
+        with self._refresh_lock:
+            domains, self._refresh_domains = self._refresh_domains, set()
+        for name in sorted(domains):
+            try:
+                self._refresh_domain(name)
+            except libvirt.libvirtError as err:
+                if not self._connection_alive():
+                    raise
+                self._warn.warning(f"xml:{name}", "cannot refresh %s: %s", name, err)
         if time.monotonic() >= next_poll:
             started = time.monotonic()
             self._poll_jobs()
@@ -297,6 +359,8 @@ class LibvirtHost:
             if outcomes:
                 self._notify(outcomes)
             self._stats.poll_cycle(time.monotonic() - started, time.time())
+        if time.monotonic() - self._last_inventory >= self._inventory_interval:
+            self._refresh_all()
         if self._after_cycle is not None and not self._lost.is_set():
             try:
                 self._after_cycle()
@@ -372,13 +436,14 @@ class LibvirtHost:
             pass
         self._domains = {}
         self._disks_by_domain = {}
+        self._parsed_xml = {}
 
-    def _list_inventory(self) -> dict[str, list[DiskInfo]]:
+    def _list_inventory(self) -> dict[str, tuple[DiskInfo, ...]]:
         conn = self._conn
         assert conn is not None
         domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         self._stats.calls("listAllDomains")
-        inventory: dict[str, list[DiskInfo]] = {}
+        inventory: dict[str, tuple[DiskInfo, ...]] = {}
         handles: dict[str, libvirt.virDomain] = {}
         errors = 0
         for dom in domains:
@@ -390,8 +455,9 @@ class LibvirtHost:
                 self._warn.warning(f"xml:{name}", "cannot read the XML of %s: %s", name, err)
                 continue
             handles[name] = dom
-            inventory[name] = parse_disks(name, xml)
+            inventory[name] = self._parse_disks(name, xml)
         self._stats.calls("XMLDesc", len(domains), errors)
+        self._parsed_xml = {name: parsed for name, parsed in self._parsed_xml.items() if name in handles}
         self._domains = handles
         self._disks_by_domain = {name: tuple(d.disk for d in disks) for name, disks in inventory.items()}
         self._last_inventory = time.monotonic()
@@ -436,19 +502,30 @@ class LibvirtHost:
                     raise
             self._domains.pop(name, None)
             self._disks_by_domain.pop(name, None)
+            self._parsed_xml.pop(name, None)
             outcomes = self._state.apply(LifecycleEvent(name, "stopped", time.monotonic(), time.time()))
             if outcomes:
                 self._notify(outcomes)
             return
-        disks = parse_disks(name, xml)
+        disks = self._parse_disks(name, xml)
         self._domains[name] = dom
         self._disks_by_domain[name] = tuple(d.disk for d in disks)
         self._state.update_domain(name, disks)
 
+    def _parse_disks(self, name: str, xml: str) -> tuple[DiskInfo, ...]:
+        """Parses a domain's disks, reusing the last result while its XML is unchanged: the slow
+        refresh re-reads every domain, and most have not changed."""
+        cached = self._parsed_xml.get(name)
+        if cached is not None and cached[0] == xml:
+            return cached[1]
+        disks = tuple(parse_disks(name, xml))
+        self._parsed_xml[name] = (xml, disks)
+        return disks
+
     def _collect_jobs(self) -> tuple[dict[DiskKey, JobInfo], bool]:
         jobs: dict[DiskKey, JobInfo] = {}
         complete = True
-        for name, disk, info, _started in self._iter_job_infos():
+        for name, disk, info, _started in self._read_cycle():
             if info is _FAILED:
                 complete = False
             elif info is not None:
@@ -458,12 +535,9 @@ class LibvirtHost:
         return jobs, complete
 
     def _poll_jobs(self) -> None:
-        apply_poll = self._state.apply_poll
-        for name, disk, info, started in self._iter_job_infos():
-            if info is not _FAILED:
-                apply_poll(name, disk, info, started)
+        self._state.apply_polls([answer for answer in self._read_cycle() if answer[2] is not _FAILED])
 
-    def _iter_job_infos(self) -> Iterable[tuple[str, str, object, float]]:
+    def _read_cycle(self) -> list[tuple[str, str, object, float]]:
         """One ``blockJobInfo`` call per disk of every running domain; failures are skipped.
 
         The calls run on a reader thread: a domain whose QEMU stops answering its monitor blocks
@@ -474,13 +548,20 @@ class LibvirtHost:
             skipped = set(self._unresponsive)
         targets = [(name, dom, disk) for name, dom in list(self._domains.items()) if name not in skipped
                    for disk in self._disks_by_domain.get(name, ())]
+        # Disks with a job first: their progress is then read at the same point of every cycle.
+        with_job = self._state.job_keys()
+        if with_job:
+            targets.sort(key=lambda target: (target[0], target[2]) not in with_job)
         calls = errors = 0
         gone: list[str] = []
+        answers: list[tuple[str, str, object, float]] = []
+        with self._event_loop.held() if self._event_loop is not None else nullcontext():
+            results = self._read_job_infos(targets)
         try:
-            for name, disk, outcome, started in self._read_job_infos(targets):
+            for name, disk, outcome, started in results:
                 calls += 1
-                if not isinstance(outcome, libvirt.libvirtError):
-                    yield name, disk, job_info_from_libvirt(outcome), started
+                if outcome.__class__ is dict:
+                    answers.append((name, disk, job_info_from_libvirt(outcome), started))
                     continue
                 errors += 1
                 if outcome.get_error_code() in _DOMAIN_GONE_ERRORS:
@@ -491,13 +572,14 @@ class LibvirtHost:
                 if not self._connection_alive():
                     raise outcome
                 self._warn.warning(f"job:{name}:{disk}", "blockJobInfo(%s, %s) failed: %s", name, disk, outcome)
-                yield name, disk, _FAILED, started
+                answers.append((name, disk, _FAILED, started))
         finally:
             self._stats.calls("blockJobInfo", calls, errors)
             if gone:
                 with self._refresh_lock:
                     self._refresh_domains.update(gone)
                 self._wake.set()
+        return answers
 
     def _read_job_infos(self, targets: list[tuple[str, "libvirt.virDomain", str]]) -> list[tuple]:
         results: list[tuple] = []

@@ -67,7 +67,6 @@ class ActiveJob:
     ready: bool
     start_time: float  # Unix time the exporter first saw the job
     cursor_changed_time: float  # Unix time cur last moved (start_time until it does)
-    observed_time: float  # Unix time of the last successful poll of this job
 
     @property
     def key(self) -> DiskKey:

@@ -121,6 +121,11 @@ class State:
                 )
             return self._snapshot
 
+    def job_keys(self) -> frozenset[DiskKey]:
+        """The disks with an active job, without building a snapshot."""
+        with self._lock:
+            return frozenset(self._jobs)
+
     def has_pending(self) -> bool:
         with self._lock:
             return bool(self._pending)
@@ -145,30 +150,39 @@ class State:
 
     def apply_poll(self, domain: str, disk: str, info: JobInfo | None, call_started: float) -> None:
         """Apply one ``blockJobInfo`` answer; ``call_started`` is monotonic time before the call."""
-        key = (domain, disk)
+        self.apply_polls(((domain, disk, info, call_started),))
+
+    def apply_polls(self, answers: Iterable[tuple[str, str, JobInfo | None, float]]) -> None:
+        """Apply a poll cycle's answers under one lock; most are "no job" and cost a lookup."""
         with self._lock:
-            ended = self._ended.get(key)
-            if ended is not None and ended.monotonic >= call_started:
-                return  # an event ended this job while the call was in flight
-            if domain not in self._running:
-                return  # the domain stopped while the call was in flight
-            job = self._jobs.get(key)
-            if info is None:
-                if job is not None and key not in self._pending:
-                    self._pending[key] = self._monotonic()
-                return
-            self._pending.pop(key, None)
-            now = self._clock()
-            if job is not None and job.job_type != info.job_type:
-                # A different job took the disk between two polls without any event for the old
-                # one: the old one ended, the new one starts now.
-                self._end_job(key, infer_outcome(job, self._tracked.get(key), self._disks.get(key), True),
-                              inferred=True, job_type=job.job_type)
-                job = None
-            if job is None:
-                self._start_job(key, info, now)
-                return
-            self._update_job(key, job, info, now)
+            jobs, now = self._jobs, None
+            for domain, disk, info, call_started in answers:
+                key = (domain, disk)
+                job = jobs.get(key)
+                if info is None and job is None:
+                    continue
+                ended = self._ended.get(key)
+                if ended is not None and ended.monotonic >= call_started:
+                    continue  # an event ended this job while the call was in flight
+                if domain not in self._running:
+                    continue  # the domain stopped while the call was in flight
+                if info is None:
+                    if key not in self._pending:
+                        self._pending[key] = self._monotonic()
+                    continue
+                self._pending.pop(key, None)
+                if now is None:
+                    now = self._clock()
+                if job is not None and job.job_type != info.job_type:
+                    # A different job took the disk between two polls without any event for the
+                    # old one: the old one ended, the new one starts now.
+                    self._end_job(key, infer_outcome(job, self._tracked.get(key), self._disks.get(key), True),
+                                  inferred=True, job_type=job.job_type)
+                    job = None
+                if job is None:
+                    self._start_job(key, info, now)
+                else:
+                    self._update_job(key, job, info, now)
 
     def expire_pending(self) -> tuple[OutcomeRecord, ...]:
         """Infer outcomes for jobs the poll lost longer than the grace ago with no event."""
@@ -257,6 +271,9 @@ class State:
 
     def _update_job(self, key: DiskKey, job: ActiveJob, info: JobInfo, now: float) -> None:
         """A new sample of a known job; the cursor's change time moves only when it moves."""
+        if (info.cur == job.cur and info.end == job.end and info.bandwidth == job.bandwidth
+                and (job.ready or not info.ready)):
+            return  # the usual case: nothing to record
         updated = replace(
             job,
             cur=info.cur,
@@ -264,7 +281,6 @@ class State:
             bandwidth=info.bandwidth,
             ready=job.ready or info.ready,
             cursor_changed_time=now if info.cur != job.cur else job.cursor_changed_time,
-            observed_time=now,
         )
         if updated != job:
             self._jobs[key] = updated
@@ -286,8 +302,7 @@ class State:
         domain, disk = key
         self._jobs[key] = ActiveJob(
             domain=domain, disk=disk, job_type=info.job_type, cur=info.cur, end=info.end,
-            bandwidth=info.bandwidth, ready=info.ready, start_time=now, cursor_changed_time=now,
-            observed_time=now)
+            bandwidth=info.bandwidth, ready=info.ready, start_time=now, cursor_changed_time=now)
         current = self._disks.get(key)
         self._tracked[key] = _Tracked(
             chain_at_start=tuple(i.path for i in current.backing_chain) if current else (),

@@ -35,7 +35,7 @@ def disk(domain: str, target: str = "vda", chain: tuple[str, ...] = ("/img/base.
 
 def job(domain: str, target: str = "vda", job_type: str = "pull") -> ActiveJob:
     return ActiveJob(domain, target, job_type, cur=1, end=10, bandwidth=0, ready=False,
-                     start_time=0.0, cursor_changed_time=0.0, observed_time=0.0)
+                     start_time=0.0, cursor_changed_time=0.0)
 
 
 def snap(disks=(), jobs=(), running=None, connected=True, taken_wall=0.0) -> Snapshot:
