@@ -66,7 +66,7 @@ def disk(domain, target="vda", chain=("/img/base.qcow2",)):
 
 
 def job(domain, target="vda", job_type="pull"):
-    return ActiveJob(domain, target, job_type, 1, 10, 0, False, 0.0, 0.0, 0.0)
+    return ActiveJob(domain, target, job_type, 1, 10, 0, False, 0.0, 0.0)
 
 
 _version = [0]

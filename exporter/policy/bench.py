@@ -45,7 +45,7 @@ def build(n: int) -> Snapshot:
         d = DiskInfo(dom, "vda", f"/img/{dom}.qcow2", "qcow2", chain)
         disks[d.key] = d
     jobs = {
-        k: ActiveJob(k[0], k[1], "copy", 1, 2, 0, False, 0.0, 0.0, 0.0) for k in list(disks)[:2]
+        k: ActiveJob(k[0], k[1], "copy", 1, 2, 0, False, 0.0, 0.0) for k in list(disks)[:2]
     }
     return Snapshot(True, MappingProxyType(disks), MappingProxyType(jobs), MappingProxyType({}),
                     MappingProxyType({}), frozenset(d.domain for d in disks.values()), 1)
