@@ -110,10 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_exporter(args: argparse.Namespace) -> int:
-    from prometheus_client import ProcessCollector
-
     from .collector import BlockJobCollector, MetricsRenderer, build_registry
     from .libvirt_host import LibvirtHost
+    from .process_metrics import ProcessMetrics
     from .selfstats import SelfStats
     from .state import State
     from .web import WebServer
@@ -176,10 +175,10 @@ def run_exporter(args: argparse.Namespace) -> int:
         collector.add_extra(notifier.metric_families)
     registry = build_registry(collector)
     # process_start_time_seconds lets the failure alert tell an exporter restart from a new series.
-    ProcessCollector(registry=registry)
+    registry.register(ProcessMetrics())
 
     try:
-        server = WebServer(args.listen_address, args.telemetry_path, MetricsRenderer(registry),
+        server = WebServer(args.listen_address, args.telemetry_path, MetricsRenderer(registry).parts,
                            web_config=web_config, version=__version__)
         server.start()
     except (OSError, ValueError, WebConfigError) as err:

@@ -23,6 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from .model import OUTCOMES, ActiveJob, Snapshot
+from .process_metrics import ProcessMetrics
 from .selfstats import SelfStats, SelfStatsSnapshot
 from .state import State
 
@@ -64,7 +65,7 @@ class BlockJobCollector:
         self._version = version
         self._extra = list(extra)
         self._cache_lock = threading.Lock()
-        self._cached: tuple[Snapshot, str] | None = None
+        self._cached: tuple[Snapshot, bytes] | None = None
         self._labels: dict[tuple, str] = {}  # rendered {label="value",...} by label values
         # Section caches, touched only under _cache_lock (see _render_snapshot).
         self._job_lines: dict[tuple[str, str], tuple[tuple, list[str]]] = {}
@@ -151,16 +152,21 @@ class BlockJobCollector:
 
     def render(self) -> bytes:
         """The text exposition (format 0.0.4) of everything ``collect()`` yields."""
+        return b"".join(self.render_parts())
+
+    def render_parts(self) -> tuple[bytes, bytes]:
+        """The same text in two parts: the snapshot's (the same bytes object until the state
+        changes, so that the web layer can keep its compressed form) and the rest."""
         snap = self._state.snapshot()
         with self._cache_lock:
             cached = self._cached
             if cached is None or cached[0] is not snap:  # the state hands out one object per version
-                cached = (snap, self._render_snapshot(snap))
+                cached = (snap, self._render_snapshot(snap).encode("utf-8"))
                 self._cached = cached
-        parts = [cached[1], self._render_stats(self._stats.snapshot())]
+        parts = [self._render_stats(self._stats.snapshot())]
         for extra in self._extra:
             parts.append(_render_families(extra()))
-        return "".join(parts).encode("utf-8")
+        return cached[1], "".join(parts).encode("utf-8")
 
     def _label_str(self, names: tuple[str, ...], values: tuple[str, ...]) -> str:
         key = (names, values)
@@ -324,17 +330,30 @@ class MetricsRenderer:
         self._lock = threading.Lock()
 
     def __call__(self, accept: str | None = None) -> tuple[bytes, str]:
+        parts, content_type = self.parts(accept)
+        return b"".join(parts), content_type
+
+    def parts(self, accept: str | None = None) -> tuple[tuple[bytes, ...], str]:
+        """The exposition as parts; the first is the block-job snapshot's text, an object that
+        stays the same while the state does (the web layer caches its gzip state by identity)."""
         with self._lock:
             collectors = getattr(self._registry, "ordered_collectors", None)
             if collectors is None:
-                return generate_latest(self._registry), CONTENT_TYPE_LATEST
-            parts = []
+                return (generate_latest(self._registry),), CONTENT_TYPE_LATEST
+            first: list[bytes] = []
+            rest: list[bytes] = []
             for collector in list(collectors):
-                if isinstance(collector, BlockJobCollector):
-                    parts.append(collector.render())
+                if isinstance(collector, BlockJobCollector) and not first and not rest:
+                    snapshot_part, other = collector.render_parts()
+                    first.append(snapshot_part)
+                    rest.append(other)
+                elif isinstance(collector, BlockJobCollector):
+                    rest.append(collector.render())
+                elif isinstance(collector, ProcessMetrics):
+                    rest.append(collector.render().encode("utf-8"))
                 else:
-                    parts.append(_render_families(collector.collect()).encode("utf-8"))
-            return b"".join(parts), CONTENT_TYPE_LATEST
+                    rest.append(_render_families(collector.collect()).encode("utf-8"))
+            return (*first, b"".join(rest)), CONTENT_TYPE_LATEST
 
 
 def build_registry(collector: BlockJobCollector) -> CollectorRegistry:

@@ -26,6 +26,7 @@ import secrets
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 import time
 import zlib
@@ -197,6 +198,43 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
+class _GzipCache:
+    """gzip for a response whose first part seldom changes (the block-job text, the same until a
+    job moves or ends) and whose rest is small (the exporter's own counters).
+
+    The first part is deflated once, ending on a full flush (byte-aligned, no back-references
+    across it); each response then deflates only the rest with a small fresh compressor and
+    wraps both in one gzip member (RFC 1952 header, CRC-32 and length of the whole text). It is
+    the same format a single pass writes, about 1 % larger, at a tenth of the CPU.
+    """
+
+    _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no mtime, OS unknown
+
+    def __init__(self, level: int = GZIP_LEVEL) -> None:
+        self._level = level
+        self._lock = threading.Lock()
+        self._prefix: bytes | None = None
+        self._deflated = (b"", 0)  # (raw deflate of the prefix up to a full flush, its CRC-32)
+
+    def compress(self, parts: Sequence[bytes]) -> bytes:
+        if len(parts) < 2:
+            return zlib.compress(b"".join(parts), self._level, wbits=31)
+        prefix, rest = parts[0], b"".join(parts[1:])
+        with self._lock:
+            if self._prefix is not prefix:
+                compressor = zlib.compressobj(self._level, zlib.DEFLATED, -15)
+                self._deflated = (compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH),
+                                  zlib.crc32(prefix))
+                self._prefix = prefix
+            deflated, crc = self._deflated
+        # A 4 KiB window and small tables: the rest is a few KiB, and a full-size compressor
+        # costs more to set up than the whole rest takes to compress.
+        compressor = zlib.compressobj(self._level, zlib.DEFLATED, -12, 2)
+        tail = compressor.compress(rest) + compressor.flush()
+        trailer = struct.pack("<II", zlib.crc32(rest, crc), (len(prefix) + len(rest)) & 0xFFFFFFFF)
+        return b"".join((self._HEADER, deflated, tail, trailer))
+
+
 def _accepts_gzip(accept_encoding: str | None) -> bool:
     if not accept_encoding:
         return False
@@ -296,17 +334,21 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def _metrics(self) -> None:
+        app = self.server.app
         try:
-            body, content_type = self.server.app.render_metrics(self.headers.get("Accept"))
+            body, content_type = app.render_metrics(self.headers.get("Accept"))
         except Exception:
             log.exception("rendering metrics failed")
             self._text(HTTPStatus.INTERNAL_SERVER_ERROR,
                        "An error has occurred while serving metrics; see the exporter's log.\n")
             return
         headers: list[tuple[str, str]] = [("Vary", "Accept-Encoding")]
+        parts = (body,) if isinstance(body, bytes) else tuple(body)
         if _accepts_gzip(self.headers.get("Accept-Encoding")):
-            body = zlib.compress(body, GZIP_LEVEL, wbits=31)
+            body = app.gzip.compress(parts)
             headers.append(("Content-Encoding", "gzip"))
+        else:
+            body = b"".join(parts)
         self._respond(HTTPStatus.OK, body, content_type, headers)
 
     def _not_allowed(self) -> None:
@@ -321,12 +363,82 @@ class _Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
 
+class _Workers:
+    """Connection threads that wait for the next connection instead of exiting.
+
+    Every connection still gets a thread of its own (a kept-alive scrape connection holds one for
+    its life), but a thread that has finished waits ``idle_seconds`` for another connection
+    before it exits: starting a thread costs more than a whole scrape's response.
+    """
+
+    def __init__(self, serve: Callable[[object, object], None], idle_seconds: float = 60.0) -> None:
+        self._serve = serve
+        self._idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._idle: list[_Slot] = []
+        self._closed = False
+
+    def submit(self, request, client_address) -> None:
+        with self._lock:
+            if self._idle:
+                slot = self._idle.pop()
+                slot.work = (request, client_address)
+                slot.ready.set()
+                return
+        threading.Thread(target=self._run, args=((request, client_address),), name="web-connection",
+                         daemon=True).start()
+
+    def _run(self, work) -> None:
+        slot = _Slot()
+        while work is not None:
+            self._serve(*work)
+            slot.ready.clear()
+            slot.work = None
+            with self._lock:
+                if self._closed:
+                    return
+                self._idle.append(slot)
+            if not slot.ready.wait(self._idle_seconds):
+                with self._lock:
+                    if slot in self._idle:
+                        self._idle.remove(slot)
+                        return
+                slot.ready.wait()  # submit() took this slot as the wait ended: the work is coming
+            work = slot.work
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for slot in idle:
+            slot.ready.set()  # no work: the thread exits
+
+
+class _Slot:
+    __slots__ = ("ready", "work")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.work: tuple | None = None
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
     app: "WebServer"
     dual_stack = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.workers = _Workers(self.process_request_thread)
+
+    def process_request(self, request, client_address) -> None:
+        self.workers.submit(request, client_address)
+
+    def server_close(self) -> None:
+        self.workers.close()
+        super().server_close()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -390,7 +502,7 @@ class WebServer:
     """Serves ``/``, the telemetry path and ``/-/healthy``; see the module docstring."""
 
     def __init__(self, listen_address: str, telemetry_path: str,
-                 render_metrics: Callable[[str | None], tuple[bytes, str]],
+                 render_metrics: Callable[[str | None], tuple[bytes | Sequence[bytes], str]],
                  web_config: WebConfig | None = None,
                  landing_title: str = "libvirt block job exporter",
                  landing_links: Sequence[tuple[str, str]] = (),
@@ -401,6 +513,7 @@ class WebServer:
         self._host, self._port = parse_listen_address(listen_address)
         self.telemetry_path = telemetry_path
         self.render_metrics = render_metrics
+        self.gzip = _GzipCache()
         self.web_config = web_config
         self.landing_page = _landing_page(landing_title, version, telemetry_path, landing_links)
         http_cfg = web_config.http_server_config if web_config else None

@@ -9,6 +9,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collector import BlockJobCollector, MetricsRenderer, build_registry
+from exporter.process_metrics import ProcessMetrics
 from exporter.model import BackingImage, BlockJobEvent, ConnectionEvent, DiskInfo, JobInfo, LifecycleEvent
 from exporter.selfstats import SelfStats
 from exporter.state import State
@@ -54,11 +55,9 @@ def test_direct_text_equals_registry_output():
 
 
 def test_other_collectors_in_the_registry_are_rendered_too():
-    from prometheus_client import ProcessCollector
-
     state, stats, _ = busy_state()
     registry = build_registry(BlockJobCollector(state, stats, "1"))
-    ProcessCollector(registry=registry)  # as the CLI does: process_start_time_seconds feeds an alert
+    registry.register(ProcessMetrics())  # as the CLI does: process_start_time_seconds feeds an alert
     direct = MetricsRenderer(registry)()[0]
     assert b"\nprocess_start_time_seconds " in direct
     names = [f[0] for f in parsed(direct)]
@@ -103,3 +102,48 @@ def test_direct_text_passes_promtool_check_metrics():
     body = MetricsRenderer(build_registry(BlockJobCollector(state, stats, "1")))()[0]
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_parts_keep_the_snapshot_text_while_the_state_is_unchanged():
+    state, stats, _ = busy_state()
+    renderer = MetricsRenderer(build_registry(BlockJobCollector(state, stats, "1")))
+    first, _ = renderer.parts()
+    stats.poll_cycle(0.5, 1_700_000_002.0)  # only the exporter's own counters moved
+    second, _ = renderer.parts()
+    assert second[0] is first[0] and second[1] != first[1]
+    state.apply_poll("web-1", "vda", JobInfo("pull", 26, 100, 1048576), 0.0)
+    third, _ = renderer.parts()
+    assert third[0] is not first[0] and b" 26.0\n" in third[0]
+    assert b"".join(third) == renderer()[0]  # the parts join to the whole text
+
+
+def test_process_metrics_match_prometheus_client_process_collector():
+    """Same names, help, types and (within what moves between two reads) values."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    theirs_registry = CollectorRegistry()
+    ProcessCollector(registry=theirs_registry)
+    ours = ProcessMetrics()
+    ours_text = ours.render().encode()
+    theirs_text = generate_latest(theirs_registry)
+    ours_families, theirs_families = parsed(ours_text), parsed(theirs_text)
+    assert [f[:3] for f in ours_families] == [f[:3] for f in theirs_families]
+    ours_values = {f[0]: f[3][0][2] for f in ours_families}
+    theirs_values = {f[0]: f[3][0][2] for f in theirs_families}
+    assert ours_values["process_start_time_seconds"] == pytest.approx(theirs_values["process_start_time_seconds"], abs=0.02)
+    assert ours_values["process_max_fds"] == theirs_values["process_max_fds"]
+    assert ours_values["process_cpu_seconds"] == pytest.approx(theirs_values["process_cpu_seconds"], abs=0.5)
+    assert ours_values["process_resident_memory_bytes"] == pytest.approx(
+        theirs_values["process_resident_memory_bytes"], rel=0.1)
+    assert abs(ours_values["process_open_fds"] - theirs_values["process_open_fds"]) <= 2
+    # The registry path (collect) says what the direct path (render) says.
+    assert [f[:3] for f in parsed(generate_latest(_registry_with(ours)))] == [f[:3] for f in ours_families]
+    ours.close()
+
+
+def _registry_with(collector):
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry

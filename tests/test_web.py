@@ -133,6 +133,49 @@ def test_gzip():
         assert r.getheader("Content-Encoding") is None and body == BODY
 
 
+def test_gzip_of_parts_reuses_the_compressed_first_part():
+    """A renderer may return parts; the first is compressed once while it is the same object."""
+    first = BODY[:60_000]
+    state = {"first": first, "rest": b"libvirt_blockjob_poll_cycles_total 1.0\n"}
+    calls = []
+
+    def parts(_accept):
+        calls.append(1)
+        return (state["first"], state["rest"]), CTYPE
+
+    with serving(render=parts) as (ws, _):
+        r, body = get(ws, "/metrics", headers={"Accept-Encoding": "gzip"})
+        assert gzip.decompress(body) == first + state["rest"]
+        state["rest"] = b"libvirt_blockjob_poll_cycles_total 2.0\n"
+        r, body = get(ws, "/metrics", headers={"Accept-Encoding": "gzip"})
+        assert gzip.decompress(body) == first + state["rest"]
+        assert ws.gzip._prefix is first  # kept, not recompressed
+        state["first"] = BODY[:50_000] + b"changed\n"
+        r, body = get(ws, "/metrics", headers={"Accept-Encoding": "gzip"})
+        assert gzip.decompress(body) == BODY[:50_000] + b"changed\n" + state["rest"]
+        r, body = get(ws, "/metrics")
+        assert r.getheader("Content-Encoding") is None and body == BODY[:50_000] + b"changed\n" + state["rest"]
+    assert len(calls) == 4
+
+
+def test_connection_threads_are_reused():
+    with serving() as (ws, _):
+        for _ in range(5):
+            get(ws, "/metrics")
+        time.sleep(0.2)
+        before = {t.ident for t in threading.enumerate() if t.name == "web-connection"}
+        for _ in range(20):
+            r, body = get(ws, "/metrics")
+            assert body == BODY
+        time.sleep(0.2)
+        after = {t.ident for t in threading.enumerate() if t.name == "web-connection"}
+        # Sequential scrapes: a connection may arrive just before the last one's thread is idle
+        # again, so two or three threads; one per scrape (20) if they were not reused.
+        assert before & after and len(after) <= 3
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.name == "web-connection" and t.ident in after]
+
+
 def test_health_404_and_head():
     with serving() as (ws, _):
         r, body = get(ws, "/-/healthy")
