@@ -3,7 +3,8 @@
 It serves as the witness the exporter is compared against: the RPC floor (a bare loop of the same
 ``blockJobInfo`` calls the exporter makes), the live cursor of a job, and the moment libvirt
 reports a job's end. Like the exporter, this process runs libvirt's default event loop (it needs
-events), so the floor is measured under the same client conditions the exporter works under.
+events), the exporter's own loop with its gate: a floor pass holds the loop still as a poll cycle
+does, so the floor is the cheapest way to make those calls beside a running event loop.
 Only ``blockJobInfo`` and ``XMLDesc`` are called on domains: never the BLOCK stats group or
 ``virDomainGetBlockInfo`` (see DEVELOPERS.md).
 """
@@ -17,33 +18,9 @@ from dataclasses import dataclass
 import libvirt
 
 from exporter.domain_xml import parse_disks
+from exporter.libvirt_host import ensure_event_loop
 
 FLAGS = libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
-
-_loop_lock = threading.Lock()
-_loop_started = False
-
-
-def _quiet(_ctx, _err) -> None:
-    """libvirt prints every error to stderr by default; a vanished foreign domain is not news."""
-
-
-def start_event_loop() -> None:
-    """Register and run the default event loop once, before any connection is opened."""
-    global _loop_started
-    with _loop_lock:
-        if _loop_started:
-            return
-        libvirt.registerErrorHandler(_quiet, None)
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="bench-libvirt-events", daemon=True).start()
-        _loop_started = True
-
 
 @dataclass(frozen=True)
 class JobEnd:
@@ -55,7 +32,7 @@ class JobEnd:
 
 class Probe:
     def __init__(self, uri: str) -> None:
-        start_event_loop()
+        self.event_loop = ensure_event_loop()  # before any connection, or no event arrives
         self.uri = uri
         self.conn = libvirt.openReadOnly(uri)
         self._events_conn = libvirt.openReadOnly(uri)
@@ -111,17 +88,34 @@ class Probe:
             pairs.extend((dom, name, d.disk) for d in disks)
         return pairs
 
-    @staticmethod
-    def floor(pairs: list[tuple[libvirt.virDomain, str, str]]) -> tuple[float, int]:
+    def floor(self, pairs: list[tuple[libvirt.virDomain, str, str]]) -> tuple[float, int]:
         """One bare pass of ``blockJobInfo`` over ``pairs``: (seconds, failed calls)."""
         errors = 0
         started = time.perf_counter()
-        for dom, _name, disk in pairs:
-            try:
-                dom.blockJobInfo(disk, FLAGS)
-            except libvirt.libvirtError:
-                errors += 1
+        with self.event_loop.held():
+            for dom, _name, disk in pairs:
+                try:
+                    dom.blockJobInfo(disk, FLAGS)
+                except libvirt.libvirtError:
+                    errors += 1
         return time.perf_counter() - started, errors
+
+    def floor_cpu(self, pairs: list[tuple[libvirt.virDomain, str, str]], window: float,
+                  interval: float) -> dict:
+        """The floor's CPU: a pass every ``interval`` (as the exporter polls) for ``window``
+        seconds, as % of one core of this whole process (its event loop included)."""
+        passes = errors = 0
+        cpu0, t0 = time.process_time(), time.monotonic()
+        next_pass = t0
+        while time.monotonic() - t0 < window:
+            _seconds, failed = self.floor(pairs)
+            passes += 1
+            errors += failed
+            next_pass += interval
+            time.sleep(max(0.0, next_pass - time.monotonic()))
+        elapsed = time.monotonic() - t0
+        return {"floor_idle_cpu_pct": 100.0 * (time.process_time() - cpu0) / elapsed,
+                "floor_cpu_passes": passes, "floor_cpu_errors": errors}
 
     def handle(self, domain: str) -> libvirt.virDomain:
         return self.conn.lookupByName(domain)

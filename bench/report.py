@@ -77,7 +77,7 @@ SCALE_COLUMNS = [
     ("disks", "disks", 0), ("domains", "domains", 0), ("active", "active_jobs", 0),
     ("host disks", "host_disks", 0),
     ("poll ms", "poll_cycle_ms", 2), ("floor ms", "floor_ms", 2), ("poll/floor", "poll_floor_ratio", 2),
-    ("idle CPU %", "idle_cpu_pct", 2), ("RSS MiB", "rss_mib", 1),
+    ("idle CPU %", "idle_cpu_pct", 2), ("floor CPU %", "floor_idle_cpu_pct", 2), ("RSS MiB", "rss_mib", 1),
     ("alone p50 ms", "ours_alone_scrape_p50_ms", 2), ("alone p99 ms", "ours_alone_scrape_p99_ms", 2),
     ("CPU/scrape ms", "ours_cpu_per_scrape_ms", 2),
     ("ours p50 ms", "ours_scrape_p50_ms", 2), ("ours p99 ms", "ours_scrape_p99_ms", 2),

@@ -383,6 +383,10 @@ def measure_point(fleet: Fleet, probe: Probe, debian: DebianExporter, args, main
         time.sleep(args.warmup)
         log(f"  idle CPU over {args.cpu_window:.0f}s")
         figures.update(idle_cpu(ours, args.cpu_window))
+        log(f"  the floor's CPU over {args.cpu_window:.0f}s")
+        figures.update(probe.floor_cpu(probe.host_disks(), args.cpu_window, POLL_INTERVAL))
+        figures["idle_cpu_vs_floor"] = figures["idle_cpu_pct"] / figures["floor_idle_cpu_pct"] \
+            if figures["floor_idle_cpu_pct"] else math.nan
         log("  poll cycle vs RPC floor")
         figures.update(poll_vs_floor(ours, probe, args.cycles))
         n = args.scrapes if main else args.scale_scrapes
@@ -454,9 +458,12 @@ def main(argv=None) -> int:
             "scrapes": "sequential, a fresh TCP connection per scrape (keep-alive off, like Prometheus' "
                        "first request), Accept-Encoding: gzip; alternating ours/Debian",
             "floor": "bare Python loop of blockJobInfo(disk, BANDWIDTH_BYTES) over every running disk "
-                     "of the host, own read-only connection, libvirt event loop running (as in the "
-                     "exporter), run between two of our poll cycles",
+                     "of the host, own read-only connection, libvirt's event loop running and held "
+                     "still during the pass (as the exporter's poll cycle holds it), run between two "
+                     "of our poll cycles",
             "idle_cpu": "utime+stime from /proc/PID/stat over the window, no scrapes, % of one core",
+            "floor_idle_cpu": "the floor loop once per poll interval over the same window length, "
+                              "CPU of the whole benchmark process (idle otherwise), % of one core",
             "event_latency": "benchmark's own BLOCK_JOB_2 callback -> first /metrics response with the "
                              "completion counter incremented (tight loop, kept-alive connection)",
         },
@@ -491,7 +498,8 @@ def main(argv=None) -> int:
             figures = measure_point(fleet, probe, debian, args, main_point, args.uri)
             results["points"].append(figures)
             log(f"  poll {figures['poll_cycle_ms']:.1f} ms vs floor {figures['floor_ms']:.1f} ms, "
-                f"idle CPU {figures['idle_cpu_pct']:.2f}%, RSS {figures['rss_mib']:.1f} MiB, "
+                f"idle CPU {figures['idle_cpu_pct']:.2f}% (floor {figures['floor_idle_cpu_pct']:.2f}%), "
+                f"RSS {figures['rss_mib']:.1f} MiB, "
                 f"scrape p99 {figures['ours_alone_scrape_p99_ms']:.2f} ms alone, "
                 f"{figures['ours_scrape_p99_ms']:.2f} ms vs {figures['debian_scrape_p99_ms']:.1f} ms alternating")
         exit_code = 0

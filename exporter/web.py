@@ -1,8 +1,11 @@
 """The exporter's HTTP endpoint: landing page, telemetry, health; read-only by design.
 
 Built on ``http.server.ThreadingHTTPServer`` so that it needs nothing beyond the standard
-library: one daemon thread per connection, HTTP/1.1 keep-alive, and each response written with a
-single ``sendall`` so that a scrape costs one round trip and no Nagle/delayed-ACK stall.
+library: one daemon thread per connection (threads wait for the next connection rather than
+exit, see ``_Workers``), HTTP/1.1 keep-alive, and each response written with a single ``sendall``
+so that a scrape costs one round trip and no Nagle/delayed-ACK stall. The metrics renderer may
+return its text in parts; the first, when it is the same object as last time, is not compressed
+again (see ``_GzipCache``).
 
 TLS is negotiated in the connection's own thread, never in the accept loop, so a client that
 stalls its handshake cannot block others. The TLS context is rebuilt when the certificate, key or

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 POINT_FIGURES = [
     "disks", "domains", "active_jobs", "host_disks", "host_domains",
     "poll_cycle_ms", "floor_ms", "poll_floor_ratio", "floor_disks", "floor_per_call_us",
-    "idle_cpu_pct", "rss_mib", "rss_after_scrapes_mib", "host_busy_pct_during_idle",
+    "idle_cpu_pct", "floor_idle_cpu_pct", "idle_cpu_vs_floor", "rss_mib", "rss_after_scrapes_mib",
+    "host_busy_pct_during_idle",
     "ours_scrape_p50_ms", "ours_scrape_p99_ms", "ours_alone_scrape_p50_ms", "ours_alone_scrape_p99_ms",
     "ours_wire_kib", "ours_body_kib", "ours_cpu_per_scrape_ms",
     "debian_scrape_p50_ms", "debian_scrape_p99_ms", "debian_wire_kib", "debian_body_kib",
