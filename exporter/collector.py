@@ -6,9 +6,9 @@ from the snapshot; tests/test_collector_render.py holds them equal. Scrapes use 
 prometheus_client's generic ``generate_latest`` validates and escapes every name and label of
 every line, 7-9 ms for 200 disks with 50 jobs on a quiet 2-core host (50 ms under load), while
 ``render()`` takes 0.2-0.3 ms. It keeps the text of what did not change: the whole snapshot part
-by snapshot, a job's lines by the values shown (each poll makes a new job record even when only
-its observed time moved), outcome counters by content, chain depths by disk record. The
-exporter's own counters, which change every poll cycle, are written fresh on every scrape.
+by snapshot (the state makes a new one only when something shown changed), a job's lines by the
+values shown, outcome counters by content, chain depths by disk record. The exporter's own
+counters, which change every poll cycle, are written fresh on every scrape.
 """
 
 from __future__ import annotations
@@ -190,8 +190,7 @@ class BlockJobCollector:
         _head(add, "libvirt_blockjob_exporter_build_info", _BUILD_HELP, "gauge")
         add(f"libvirt_blockjob_exporter_build_info{label(('version',), (self._version,))} 1.0\n")
 
-        # Every poll makes a new ActiveJob (its observed time moves) even when nothing we show
-        # changed: a job's lines are rewritten only when the values shown change.
+        # A job's lines are rewritten only when the values shown change.
         previous, lines_by_job = self._job_lines, {}
         rows = []
         for job in sorted(snap.jobs.values(), key=lambda j: (j.domain, j.disk)):

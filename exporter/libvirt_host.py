@@ -223,6 +223,7 @@ class LibvirtHost:
         self._unresponsive: set[str] = set()
         self.first_connect_error: str | None = None
         self._event_loop: _EventLoop | None = None
+        self._reader: _JobInfoReader | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -239,6 +240,9 @@ class LibvirtHost:
         self._events.put(None)
         for thread in self._threads:
             thread.join(timeout)
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
         self._disconnect()
 
     def set_after_cycle(self, hook: Callable[[], None] | None) -> None:
@@ -535,28 +539,50 @@ class LibvirtHost:
         return jobs, complete
 
     def _poll_jobs(self) -> None:
-        self._state.apply_polls([answer for answer in self._read_cycle() if answer[2] is not _FAILED])
+        """Disks with a job are read and applied first, so that their progress is read at the
+        same point of every cycle and shows at once, not after every other disk's call."""
+        with_job, without_job = self._poll_targets()
+        with self._holding_event_loop():
+            for batch in (with_job, without_job):
+                if batch:
+                    answers = self._read_answers(batch)
+                    self._state.apply_polls([answer for answer in answers if answer[2] is not _FAILED])
 
     def _read_cycle(self) -> list[tuple[str, str, object, float]]:
-        """One ``blockJobInfo`` call per disk of every running domain; failures are skipped.
+        """Every disk's answer in one list (for a resync)."""
+        with_job, without_job = self._poll_targets()
+        with self._holding_event_loop():
+            return self._read_answers(with_job + without_job)
+
+    def _holding_event_loop(self):
+        return self._event_loop.held() if self._event_loop is not None else nullcontext()
+
+    def _poll_targets(self) -> tuple[list, list]:
+        """(disks with a job, the most recently moving first; every other disk) of the running
+        domains."""
+        targets = [(name, dom, disk) for name, dom in list(self._domains.items())
+                   for disk in self._disks_by_domain.get(name, ())]
+        moved = self._state.job_cursor_times()
+        if not moved:
+            return [], targets
+        with_job = [t for t in targets if (t[0], t[2]) in moved]
+        with_job.sort(key=lambda t: -moved[(t[0], t[2])])
+        return with_job, [t for t in targets if (t[0], t[2]) not in moved]
+
+    def _read_answers(self, targets: list) -> list[tuple[str, str, object, float]]:
+        """One ``blockJobInfo`` call per target; failures are skipped.
 
         The calls run on a reader thread: a domain whose QEMU stops answering its monitor blocks
         its call with no timeout, and the poller must walk away from it rather than freeze every
         other job's metrics. Such a domain is skipped until its outstanding call returns.
         """
         with self._unresponsive_lock:
-            skipped = set(self._unresponsive)
-        targets = [(name, dom, disk) for name, dom in list(self._domains.items()) if name not in skipped
-                   for disk in self._disks_by_domain.get(name, ())]
-        # Disks with a job first: their progress is then read at the same point of every cycle.
-        with_job = self._state.job_keys()
-        if with_job:
-            targets.sort(key=lambda target: (target[0], target[2]) not in with_job)
+            if self._unresponsive:  # one may have hung in an earlier batch of this cycle
+                targets = [t for t in targets if t[0] not in self._unresponsive]
         calls = errors = 0
         gone: list[str] = []
         answers: list[tuple[str, str, object, float]] = []
-        with self._event_loop.held() if self._event_loop is not None else nullcontext():
-            results = self._read_job_infos(targets)
+        results = self._read_job_infos(targets)
         try:
             for name, disk, outcome, started in results:
                 calls += 1
@@ -585,11 +611,14 @@ class LibvirtHost:
         results: list[tuple] = []
         position = 0
         while position < len(targets):
-            reader = _JobInfoReader(targets[position:], self._answered_again)
-            reader.start()
-            stuck_at = reader.wait(self._call_timeout, results)
+            reader = self._reader
+            if reader is None:
+                reader = self._reader = _JobInfoReader(self._answered_again)
+                reader.start()
+            stuck_at = reader.read(targets[position:], self._call_timeout, results)
             if stuck_at is None:
                 break
+            self._reader = None  # left to its hung call; the next read starts a new one
             name = targets[position + stuck_at][0]
             with self._unresponsive_lock:
                 self._unresponsive.add(name)
@@ -657,51 +686,75 @@ class _DomainGone(Exception):
 
 
 class _JobInfoReader(threading.Thread):
-    """Reads ``blockJobInfo`` for a list of disks, so that its caller can give up on a hung call.
+    """Reads ``blockJobInfo`` for lists of disks, so that its caller can give up on a hung call.
 
-    A blocked libvirt call cannot be interrupted; the caller abandons the reader instead, and the
-    reader drops the late answer and reports the domain as answering again when it comes.
+    One reader serves cycle after cycle. A blocked libvirt call cannot be interrupted; the caller
+    abandons the reader instead (and starts another), and the abandoned reader drops the late
+    answer, reports the domain as answering again when it comes, and exits.
     """
 
     _FLAGS = libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
 
-    def __init__(self, targets: list, answered_again: Callable[[str], None]) -> None:
+    def __init__(self, answered_again: Callable[[str], None]) -> None:
         super().__init__(name="blockjob-reader", daemon=True)
-        self._targets = targets
         self._answered_again = answered_again
         self._lock = threading.Lock()
+        self._targets: list | None = []
         self._results: list[tuple] = []
         self._position = 0
         self._call_started: float | None = None
         self._abandoned = False
+        self._go = threading.Event()
         self._done = threading.Event()
 
     def run(self) -> None:
-        monotonic = time.monotonic
-        try:
-            for index, (name, dom, disk) in enumerate(self._targets):
-                with self._lock:
-                    if self._abandoned:
-                        return
-                    self._position = index
-                    self._call_started = started = monotonic()
-                try:
-                    outcome = dom.blockJobInfo(disk, self._FLAGS)
-                except libvirt.libvirtError as err:
-                    outcome = err
-                with self._lock:
-                    late = self._abandoned
-                    if not late:
-                        self._results.append((name, disk, outcome, started))
-                        self._call_started = None
-                if late:
-                    self._answered_again(name)
+        while True:
+            self._go.wait()
+            self._go.clear()
+            targets = self._targets
+            if targets is None:
+                return
+            try:
+                if not self._read(targets):
                     return
-        finally:
-            self._done.set()
+            finally:
+                self._done.set()
 
-    def wait(self, call_timeout: float, results: list) -> int | None:
-        """Collect the results; returns None when all were read, else the index of the hung call."""
+    def _read(self, targets: list) -> bool:
+        """False once abandoned: the thread then ends."""
+        monotonic = time.monotonic
+        lock = self._lock
+        results = self._results
+        for index, (name, dom, disk) in enumerate(targets):
+            with lock:
+                if self._abandoned:
+                    return False
+                self._position = index
+                self._call_started = started = monotonic()
+            try:
+                outcome = dom.blockJobInfo(disk, self._FLAGS)
+            except libvirt.libvirtError as err:
+                outcome = err
+            with lock:
+                late = self._abandoned
+                if not late:
+                    results.append((name, disk, outcome, started))
+                    self._call_started = None
+            if late:
+                self._answered_again(name)
+                return False
+        return True
+
+    def read(self, targets: list, call_timeout: float, results: list) -> int | None:
+        """Reads ``targets`` into ``results``; returns None when all were read, else the index of
+        the call that hung (the reader is then abandoned and must not be used again)."""
+        with self._lock:
+            self._targets = targets
+            self._results = []
+            self._position = 0
+            self._call_started = None
+        self._done.clear()
+        self._go.set()
         while not self._done.wait(min(0.05, call_timeout)):
             with self._lock:
                 started = self._call_started
@@ -713,6 +766,11 @@ class _JobInfoReader(threading.Thread):
         with self._lock:
             results.extend(self._results)
         return None
+
+    def stop(self) -> None:
+        with self._lock:
+            self._targets = None
+        self._go.set()
 
 
 _FAILED = object()

@@ -121,10 +121,10 @@ class State:
                 )
             return self._snapshot
 
-    def job_keys(self) -> frozenset[DiskKey]:
-        """The disks with an active job, without building a snapshot."""
+    def job_cursor_times(self) -> dict[DiskKey, float]:
+        """When each active job's cursor last moved, without building a snapshot."""
         with self._lock:
-            return frozenset(self._jobs)
+            return {key: job.cursor_changed_time for key, job in self._jobs.items()}
 
     def has_pending(self) -> bool:
         with self._lock:

@@ -25,6 +25,7 @@ import hmac
 import html
 import logging
 import os
+import re
 import secrets
 import socket
 import socketserver
@@ -255,6 +256,29 @@ def _accepts_gzip(accept_encoding: str | None) -> bool:
     return False
 
 
+_ORDINARY_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[!-~]*) HTTP/1\.([01])\r?\n")
+_MAX_HEADERS = 100  # http.client's limits, so both paths refuse the same requests
+_MAX_HEADER_LINE = 65536
+
+
+class _Headers:
+    """The request headers: ``get`` by name in any case, first value wins (as email's Message)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._values.setdefault(name.lower(), value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._values.get(name.lower(), default)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._values
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "libvirt-blockjob-exporter"
@@ -273,6 +297,58 @@ class _Handler(BaseHTTPRequestHandler):
 
     def address_string(self) -> str:
         return str(self.client_address[0]) if self.client_address else "-"
+
+    def parse_request(self) -> bool:
+        """The base class's parsing, without ``email.parser`` for an ordinary request's headers
+        (a third of a scrape's own time). A request line of any other shape (absolute form,
+        HTTP/0.9 or 2, odd spacing) goes the base class's way, before any header is read."""
+        match = _ORDINARY_REQUEST_LINE.fullmatch(self.raw_requestline)
+        if match is None:
+            return super().parse_request()
+        command, path, minor = match.groups()
+        self.command = command.decode("ascii")
+        self.path = path.decode("latin-1")
+        if self.path.startswith("//"):  # as the base class: no scheme-relative open redirects
+            self.path = "/" + self.path.lstrip("/")
+        self.request_version = "HTTP/1.1" if minor == b"1" else "HTTP/1.0"
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        self.close_connection = minor != b"1"
+        headers = _Headers()
+        last = None
+        count = 0
+        while True:
+            line = self.rfile.readline(_MAX_HEADER_LINE + 1)
+            if len(line) > _MAX_HEADER_LINE:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long",
+                                "header line")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            count += 1
+            if count > _MAX_HEADERS:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers",
+                                f"got more than {_MAX_HEADERS} headers")
+                return False
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t"):  # obsolete line folding: continues the last header
+                if last is not None:
+                    headers._values[last] += " " + text.strip()
+                continue
+            name, sep, value = text.partition(":")
+            if sep:
+                last = name.strip().lower()
+                if last in headers:
+                    last = None  # a repeated header: the first value is kept
+                headers.add(name.strip(), value.strip())
+        self.headers = headers  # type: ignore[assignment]
+        connection = (headers.get("Connection") or "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (headers.get("Expect") or "").lower() == "100-continue" and minor == b"1":
+            return self.handle_expect_100()
+        return True
 
     def end_headers(self) -> None:
         # Only reached for errors the base class answers itself (400, 414, ...).

@@ -220,6 +220,49 @@ def test_request_body_on_keepalive_connection_is_not_parsed_as_a_request():
         assert data.startswith(b"HTTP/1.1 405") and data.count(b"HTTP/1.1 ") == 1
 
 
+def raw_exchange(ws, request: bytes) -> bytes:
+    host, port = ws.bound_address
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_header_parsing_matches_the_standard_library_limits_and_rules():
+    """The handler reads an ordinary request's headers itself (faster than email.parser); it must
+    refuse and accept what the standard library would."""
+    with serving() as (ws, metrics):
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        assert raw_exchange(ws, b"GET /metrics HTTP/1.1\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 431")
+        long_line = b"X-Long: " + b"a" * 70_000 + b"\r\n"
+        assert raw_exchange(ws, b"GET /metrics HTTP/1.1\r\n" + long_line + b"\r\n").startswith(b"HTTP/1.1 431")
+        # Names in any case; the first of two values; a folded continuation line.
+        data = raw_exchange(ws, b"GET /metrics HTTP/1.1\r\nACCEPT-encoding: gzip\r\nAccept: text/plain;\r\n"
+                                b"  version=0.0.4\r\nAccept: ignored\r\nConnection: close\r\n\r\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Encoding: gzip" in head
+        assert gzip.decompress(body) == BODY
+        assert metrics.accepts[-1] == "text/plain; version=0.0.4"
+        # HTTP/1.0 closes unless asked to keep alive; HTTP/1.1 keeps alive unless asked to close.
+        data = raw_exchange(ws, b"GET / HTTP/1.0\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200") and b"Connection: close" in data.partition(b"\r\n\r\n")[0]
+        host, port = ws.bound_address
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\nGET /-/healthy HTTP/1.1\r\nHost: x\r\n"
+                      b"Connection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.count(b"HTTP/1.1 200 OK") == 2
+        # Request lines of another shape go the standard library's way (which answers an
+        # unparsable version HTTP/0.9-style: the error page without a status line).
+        assert b"Error code: 505" in raw_exchange(ws, b"GET /metrics HTTP/2.0\r\n\r\n")
+        data = raw_exchange(ws, b"GET /metrics  HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200")  # odd spacing: the base class accepts it
+
+
 def test_render_failure_is_a_500_and_logged(caplog):
     with serving() as (ws, metrics):
         metrics.fail = True
