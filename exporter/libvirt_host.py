@@ -214,6 +214,7 @@ class LibvirtHost:
         self._domains: dict[str, libvirt.virDomain] = {}
         self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
         self._disks_by_domain: dict[str, tuple[str, ...]] = {}
+        self._targets: list[tuple] | None = None  # (domain, handle, disk, key) per disk; None = rebuild
         self._ever_connected = False
         self._last_inventory = 0.0
         self._threads: list[threading.Thread] = []
@@ -364,7 +365,8 @@ class LibvirtHost:
                 self._notify(outcomes)
             self._stats.poll_cycle(time.monotonic() - started, time.time())
         if time.monotonic() - self._last_inventory >= self._inventory_interval:
-            self._refresh_all()
+            with self._holding_event_loop():  # one XMLDesc per domain: the same wakeups as a poll
+                self._refresh_all()
         if self._after_cycle is not None and not self._lost.is_set():
             try:
                 self._after_cycle()
@@ -440,6 +442,7 @@ class LibvirtHost:
             pass
         self._domains = {}
         self._disks_by_domain = {}
+        self._targets = None
         self._parsed_xml = {}
 
     def _list_inventory(self) -> dict[str, tuple[DiskInfo, ...]]:
@@ -464,6 +467,7 @@ class LibvirtHost:
         self._parsed_xml = {name: parsed for name, parsed in self._parsed_xml.items() if name in handles}
         self._domains = handles
         self._disks_by_domain = {name: tuple(d.disk for d in disks) for name, disks in inventory.items()}
+        self._targets = None
         self._last_inventory = time.monotonic()
         return inventory
 
@@ -506,14 +510,18 @@ class LibvirtHost:
                     raise
             self._domains.pop(name, None)
             self._disks_by_domain.pop(name, None)
+            self._targets = None
             self._parsed_xml.pop(name, None)
             outcomes = self._state.apply(LifecycleEvent(name, "stopped", time.monotonic(), time.time()))
             if outcomes:
                 self._notify(outcomes)
             return
         disks = self._parse_disks(name, xml)
+        disk_names = tuple(d.disk for d in disks)
+        if self._domains.get(name) is not dom or self._disks_by_domain.get(name) != disk_names:
+            self._targets = None
         self._domains[name] = dom
-        self._disks_by_domain[name] = tuple(d.disk for d in disks)
+        self._disks_by_domain[name] = disk_names
         self._state.update_domain(name, disks)
 
     def _parse_disks(self, name: str, xml: str) -> tuple[DiskInfo, ...]:
@@ -560,14 +568,16 @@ class LibvirtHost:
     def _poll_targets(self) -> tuple[list, list]:
         """(disks with a job, the most recently moving first; every other disk) of the running
         domains."""
-        targets = [(name, dom, disk) for name, dom in list(self._domains.items())
-                   for disk in self._disks_by_domain.get(name, ())]
+        targets = self._targets
+        if targets is None:
+            targets = self._targets = [(name, dom, disk, (name, disk)) for name, dom in self._domains.items()
+                                       for disk in self._disks_by_domain.get(name, ())]
         moved = self._state.job_cursor_times()
         if not moved:
             return [], targets
-        with_job = [t for t in targets if (t[0], t[2]) in moved]
-        with_job.sort(key=lambda t: -moved[(t[0], t[2])])
-        return with_job, [t for t in targets if (t[0], t[2]) not in moved]
+        with_job = [t for t in targets if t[3] in moved]
+        with_job.sort(key=lambda t: -moved[t[3]])
+        return with_job, [t for t in targets if t[3] not in moved]
 
     def _read_answers(self, targets: list) -> list[tuple[str, str, object, float]]:
         """One ``blockJobInfo`` call per target; failures are skipped.
@@ -587,7 +597,7 @@ class LibvirtHost:
             for name, disk, outcome, started in results:
                 calls += 1
                 if outcome.__class__ is dict:
-                    answers.append((name, disk, job_info_from_libvirt(outcome), started))
+                    answers.append((name, disk, job_info_from_libvirt(outcome) if outcome else None, started))
                     continue
                 errors += 1
                 if outcome.get_error_code() in _DOMAIN_GONE_ERRORS:
@@ -725,12 +735,13 @@ class _JobInfoReader(threading.Thread):
         monotonic = time.monotonic
         lock = self._lock
         results = self._results
-        for index, (name, dom, disk) in enumerate(targets):
-            with lock:
-                if self._abandoned:
-                    return False
-                self._position = index
-                self._call_started = started = monotonic()
+        for index, (name, dom, disk, _key) in enumerate(targets):
+            if self._abandoned:
+                return False
+            # No lock: the caller reads these two under the lock below and only acts on a
+            # started call, and the position is written first.
+            self._position = index
+            self._call_started = started = monotonic()
             try:
                 outcome = dom.blockJobInfo(disk, self._FLAGS)
             except libvirt.libvirtError as err:

@@ -28,6 +28,10 @@ class FakeDomain:
         return self.job
 
 
+def target(name, dom, disk):
+    return (name, dom, disk, (name, disk))
+
+
 def test_one_reader_serves_cycle_after_cycle():
     answered = []
     reader = _JobInfoReader(answered.append)
@@ -36,7 +40,7 @@ def test_one_reader_serves_cycle_after_cycle():
     try:
         for _ in range(3):
             results: list = []
-            assert reader.read([("a", dom, "vda"), ("a", dom, "vdb")], 1.0, results) is None
+            assert reader.read([target("a", dom, "vda"), target("a", dom, "vdb")], 1.0, results) is None
             assert [(r[0], r[1], r[2]) for r in results] == [("a", "vda", dom.job), ("a", "vdb", dom.job)]
         assert len(set(dom.threads)) == 1 and len(dom.threads) == 6
     finally:
@@ -52,8 +56,8 @@ def test_a_hung_call_is_left_behind_and_reported_when_it_answers():
     reader.start()
     results: list = []
     started = time.monotonic()
-    stuck = reader.read([("ok", FakeDomain(), "vda"), ("hung", FakeDomain(gate=gate), "vda"),
-                         ("later", FakeDomain(), "vda")], 0.2, results)
+    stuck = reader.read([target("ok", FakeDomain(), "vda"), target("hung", FakeDomain(gate=gate), "vda"),
+                         target("later", FakeDomain(), "vda")], 0.2, results)
     assert stuck == 1 and [r[0] for r in results] == ["ok"]
     assert time.monotonic() - started < 2
     gate.set()
@@ -67,7 +71,7 @@ def test_the_poller_skips_a_hung_domain_until_it_answers_and_reads_the_rest():
     hung = FakeDomain(gate=gate)
     host._domains = {"a": FakeDomain(), "hung": hung, "z": FakeDomain()}
     host._disks_by_domain = {"a": ("vda",), "hung": ("vda", "vdb"), "z": ("vda",)}
-    first = host._read_job_infos([(n, host._domains[n], d) for n in ("a", "hung", "z")
+    first = host._read_job_infos([target(n, host._domains[n], d) for n in ("a", "hung", "z")
                                   for d in host._disks_by_domain[n]])
     assert [(r[0], r[1]) for r in first] == [("a", "vda"), ("z", "vda")]  # both of hung's disks skipped
     assert host.unresponsive_domains() == 1
@@ -77,7 +81,7 @@ def test_the_poller_skips_a_hung_domain_until_it_answers_and_reads_the_rest():
     while host.unresponsive_domains() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert host.unresponsive_domains() == 0
-    second = host._read_job_infos([(n, host._domains[n], d) for n in ("a", "hung", "z")
+    second = host._read_job_infos([target(n, host._domains[n], d) for n in ("a", "hung", "z")
                                    for d in host._disks_by_domain[n]])
     assert [(r[0], r[1]) for r in second] == [("a", "vda"), ("hung", "vda"), ("hung", "vdb"), ("z", "vda")]
     host._reader.stop()
