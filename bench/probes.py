@@ -18,6 +18,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.fleet import vmlib  # tests/vmlib.py, put on the path (and set up) by the fleet module
+
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_PACKAGE = "prometheus-libvirt-exporter"
 _CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lbje-bench"
@@ -246,13 +248,7 @@ class Served:
         raise TimeoutError(f"{self.name} did not serve within {timeout}s:\n{self.output()[-3000:]}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        vmlib.stop_process(self.proc, timeout)
         self.log.close()
 
     def remove_log(self) -> None:

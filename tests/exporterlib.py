@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
+
+import vmlib
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,16 +101,9 @@ class Exporter:
         self.proc.send_signal(signum)
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        returncode = vmlib.stop_process(self.proc, timeout)
         self.log.close()
-        return self.proc.returncode
+        return returncode
 
     def __enter__(self) -> "Exporter":
         return self

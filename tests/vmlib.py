@@ -244,7 +244,7 @@ class _Owned:
             if self in _LIVE:
                 _LIVE.remove(self)
         for p in procs:
-            problems += _safely(_stop_proc, p)
+            problems += _safely(stop_process, p)
         if parallel and len(domains) > 1:
             # `virsh destroy` takes ~2 s even though QEMU exits at once; do them side by side.
             with ThreadPoolExecutor(max_workers=min(16, len(domains))) as pool:
@@ -269,19 +269,24 @@ _PREV_HANDLERS: dict[int, object] = {}
 def _safely(step, *args) -> list[str]:
     # One stuck step (virsh timing out, a busy mount) must not stop the rest of the cleanup.
     try:
-        return step(*args) or []
+        found = step(*args)
     except Exception as e:  # noqa: BLE001
         return [f"{step.__name__}{args!r} failed: {e}"]
+    return found if isinstance(found, list) else []  # a step's own problems, if it reports any
 
 
-def _stop_proc(p: subprocess.Popen) -> None:
+def stop_process(p: subprocess.Popen, timeout: float = 5.0) -> int | None:
+    """SIGTERM (after SIGCONT, for a process a test has stopped), SIGKILL if it outlives
+    ``timeout``; the exit status. Shared by the tests' and the benchmark's child processes."""
     if p.poll() is None:
+        p.send_signal(signal.SIGCONT)
         p.terminate()
         try:
-            p.wait(5)
+            p.wait(timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            p.wait(5)
+            p.wait(timeout)
+    return p.returncode
 
 
 def _remove_domain(name: str, persistent: bool) -> list[str]:
@@ -809,7 +814,7 @@ class BlockJobEvents:
 
     def stop(self) -> None:
         if self._proc is not None:
-            _stop_proc(self._proc)
+            stop_process(self._proc)
         if self._thread is not None:
             self._thread.join(5)
         if self._own_owner:
