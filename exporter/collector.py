@@ -233,33 +233,30 @@ class BlockJobCollector:
             add(f"{name} {fmt(value)}\n")
         return "".join(out)
 
+    def _write_series(self, add: Callable[[str], None], name: str, help_text: str, kind: str,
+                      label_names: tuple[str, ...], samples: Iterable[tuple[tuple[str, ...], float]]) -> None:
+        """A family's HELP/TYPE, then one line per (label values, value), in the order given."""
+        _head(add, name, help_text, kind)
+        label, fmt = self._label_str, floatToGoString
+        for values, value in samples:
+            add(f"{name}{label(label_names, values)} {fmt(value)}\n")
+
     def _render_outcomes(self, snap: Snapshot) -> str:
         out: list[str] = []
-        add = out.append
-        label = self._label_str
-        fmt = floatToGoString
         outcomes = sorted(snap.outcomes.items())
         for outcome in OUTCOMES:
-            name = f"libvirt_blockjob_{outcome}_total"
-            _head(add, name, _outcome_help(outcome), "counter")
-            for (domain, disk, job_type, each), count in outcomes:
-                if each == outcome:
-                    add(f"{name}{label(JOB_LABELS, (domain, disk, job_type))} {fmt(count)}\n")
-        name = "libvirt_blockjob_outcomes_inferred_total"
-        _head(add, name, _INFERRED_HELP, "counter")
-        for key, count in sorted(snap.inferred_outcomes.items()):
-            add(f"{name}{label(JOB_LABELS + ('outcome',), key)} {fmt(count)}\n")
+            self._write_series(out.append, f"libvirt_blockjob_{outcome}_total", _outcome_help(outcome), "counter",
+                               JOB_LABELS, ((key[:3], count) for key, count in outcomes if key[3] == outcome))
+        self._write_series(out.append, "libvirt_blockjob_outcomes_inferred_total", _INFERRED_HELP, "counter",
+                           JOB_LABELS + ("outcome",), sorted(snap.inferred_outcomes.items()))
         return "".join(out)
 
     def _render_stats(self, stats: SelfStatsSnapshot) -> str:
         out: list[str] = []
         add = out.append
-        label = self._label_str
         fmt = floatToGoString
-        name = "libvirt_blockjob_events_received_total"
-        _head(add, name, "libvirt events received", "counter")
-        for event, count in sorted(stats.events.items()):
-            add(f"{name}{label(('event',), (event,))} {fmt(count)}\n")
+        self._write_series(add, "libvirt_blockjob_events_received_total", "libvirt events received", "counter",
+                           ("event",), (((event,), count) for event, count in sorted(stats.events.items())))
         for name, help_text, kind, value in (
             ("libvirt_blockjob_reconnects_total", "Successful reconnections to libvirtd after a lost connection",
              "counter", stats.reconnects),
@@ -275,9 +272,8 @@ class BlockJobCollector:
             ("libvirt_blockjob_libvirt_calls_total", "libvirt API calls made", stats.calls),
             ("libvirt_blockjob_libvirt_errors_total", "libvirt API calls that failed", stats.errors),
         ):
-            _head(add, name, help_text, "counter")
-            for method, count in sorted(counts.items()):
-                add(f"{name}{label(('method',), (method,))} {fmt(count)}\n")
+            self._write_series(add, name, help_text, "counter", ("method",),
+                               (((method,), count) for method, count in sorted(counts.items())))
         return "".join(out)
 
 
