@@ -127,18 +127,6 @@ def run_exporter(args: argparse.Namespace) -> int:
             return 1
 
     engine = None
-    if args.policy_file:
-        from .policy.config import PolicyError, load_policy
-
-        try:
-            load_policy(args.policy_file)
-        except PolicyError as err:
-            print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
-            return 1
-        except OSError as err:
-            print(f"cannot read --policy.file: {err}", file=sys.stderr)
-            return 1
-
     state = State()
     stats = SelfStats()
     notifier = None
@@ -164,9 +152,9 @@ def run_exporter(args: argparse.Namespace) -> int:
         from .policy.config import PolicyError
         from .policy.engine import PolicyEngine
 
-        try:
+        try:  # before anything starts: a bad file stops the exporter here
             engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host)
-        except PolicyError as err:  # the file changed since it was checked above
+        except PolicyError as err:  # unreadable files included
             print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
             return 1
         collector.add_extra(engine.metric_families)
