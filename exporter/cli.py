@@ -23,6 +23,7 @@ from .logsetup import LEVELS, setup_logging
 log = logging.getLogger("exporter")
 
 DEFAULT_URI = "qemu:///system"
+DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inventory.refresh-interval", dest="inventory_interval", default=30.0,
                         type=_duration_flag(1.0),
                         help="full re-read of domains and backing chains, besides event-driven refreshes (default 30s)")
+    parser.add_argument("--state.file", dest="state_file", default=DEFAULT_STATE_FILE,
+                        help="where the jobs being tracked are kept across restarts, so that a job that ends while "
+                             f"the exporter is down is still counted; '' keeps nothing (default {DEFAULT_STATE_FILE})")
+    parser.add_argument("--state.retention", dest="state_retention", default=3600.0, type=_duration_flag(1.0),
+                        help="how long the series of a domain that is gone are kept; a domain back within it keeps "
+                             "its counters (default 1h)")
     parser.add_argument("--policy.file", dest="policy_file", default=None,
                         help="YAML policy that starts block pulls (dry run unless --policy.enforce)")
     parser.add_argument("--policy.enforce", dest="policy_enforce", action="store_true",
@@ -127,7 +134,13 @@ def run_exporter(args: argparse.Namespace) -> int:
             return 1
 
     engine = None
-    state = State()
+    state = State(retention=args.state_retention)
+    jobs_file = None
+    if args.state_file:
+        from .statefile import JobsFile
+
+        jobs_file = JobsFile(args.state_file)
+        jobs_file.restore(state)
     stats = SelfStats()
     notifier = None
     if args.alertmanager_url:
@@ -158,7 +171,14 @@ def run_exporter(args: argparse.Namespace) -> int:
             print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
             return 1
         collector.add_extra(engine.metric_families)
-        host.set_after_cycle(lambda: engine.evaluate_and_act(state.snapshot()))
+
+    def after_cycle() -> None:
+        if jobs_file is not None:
+            jobs_file.save(state)
+        if engine is not None:
+            engine.evaluate_and_act(state.snapshot())
+
+    host.set_after_cycle(after_cycle)
     if notifier is not None:
         collector.add_extra(notifier.metric_families)
     registry = build_registry(collector)

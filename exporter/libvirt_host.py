@@ -21,7 +21,8 @@ import queue
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import libvirt
 
@@ -31,9 +32,12 @@ from .model import (
     ConnectionEvent,
     DiskInfo,
     DiskKey,
+    DomainInstance,
     JobInfo,
     LifecycleEvent,
     OutcomeRecord,
+    PollAnswer,
+    Snapshot,
 )
 from .selfstats import SelfStats
 from .state import State
@@ -118,6 +122,22 @@ class _EventLoop:
     def _on_kick(timer: int, _opaque: object) -> None:
         libvirt.virEventUpdateTimeout(timer, -1)
 
+    @staticmethod
+    def call_soon(fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread after every event libvirt has already received.
+
+        libvirt's client queues each event it reads (also the ones an RPC thread reads ahead of
+        its reply) and arms a zero timer to dispatch them; the loop fires due timers in the order
+        they were added, and this one is added last. So ``fn`` runs after the callbacks of every
+        event that reached us before the answers read so far: that is what puts poll answers
+        behind the events libvirt sent before them.
+        """
+        def fire(timer: int, _opaque: object) -> None:
+            libvirt.virEventRemoveTimeout(timer)
+            fn()
+
+        libvirt.virEventAddTimeout(0, fire, None)
+
     @contextmanager
     def held(self) -> Iterator[None]:
         """Keep the loop parked for the duration (nestable; other threads may hold it too)."""
@@ -181,7 +201,45 @@ class _RateLimitedLog:
             log.debug(message, *args)
 
 
+def _instance_of(dom: libvirt.virDomain) -> DomainInstance:
+    # Both are kept in the handle (no RPC): libvirt sends name, UUID and id with every domain.
+    return DomainInstance(dom.UUIDString(), dom.ID())
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One disk to read, through the handle of the run of its domain that the inventory saw."""
+
+    domain: str
+    handle: libvirt.virDomain
+    disk: str
+    instance: DomainInstance
+
+    @property
+    def key(self) -> DiskKey:
+        return (self.domain, self.disk)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One ``blockJobInfo`` call: libvirt's answer (a dict) or the error it raised."""
+
+    target: _Target
+    result: dict | libvirt.libvirtError
+    call_started: float
+
+
+@dataclass(frozen=True)
+class _Ordered:
+    """A state change from the poller, applied by the dispatcher in line with the events."""
+
+    apply: Callable[[], tuple[OutcomeRecord, ...]]
+    done: threading.Event
+
+
 class LibvirtHost:
+    _POST_WAIT = 5.0  # how long the poller waits for the dispatcher to apply what it read
+
     def __init__(
         self,
         uri: str,
@@ -214,7 +272,7 @@ class LibvirtHost:
         self._domains: dict[str, libvirt.virDomain] = {}
         self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
         self._disks_by_domain: dict[str, tuple[str, ...]] = {}
-        self._targets: list[tuple] | None = None  # (domain, handle, disk, key) per disk; None = rebuild
+        self._targets: list[_Target] | None = None  # None = rebuild
         self._ever_connected = False
         self._last_inventory = 0.0
         self._threads: list[threading.Thread] = []
@@ -222,7 +280,6 @@ class LibvirtHost:
         self._call_timeout = max(1.0, 2 * poll_interval)
         self._unresponsive_lock = threading.Lock()
         self._unresponsive: set[str] = set()
-        self.first_connect_error: str | None = None
         self._event_loop: _EventLoop | None = None
         self._reader: _JobInfoReader | None = None
 
@@ -258,18 +315,18 @@ class LibvirtHost:
     def _on_block_job(self, _conn, dom, path, job_type, status, _opaque) -> None:
         self._events.put(BlockJobEvent(dom.name(), path, _JOB_TYPES.get(job_type, "unknown"),
                                        _JOB_STATUSES.get(status, "unknown"), "block_job",
-                                       time.monotonic(), time.time()))
+                                       time.monotonic(), time.time(), _instance_of(dom)))
 
     def _on_block_job_2(self, _conn, dom, disk, job_type, status, _opaque) -> None:
         self._events.put(BlockJobEvent(dom.name(), disk, _JOB_TYPES.get(job_type, "unknown"),
                                        _JOB_STATUSES.get(status, "unknown"), "block_job_2",
-                                       time.monotonic(), time.time()))
+                                       time.monotonic(), time.time(), _instance_of(dom)))
 
     def _on_lifecycle(self, _conn, dom, event, detail, _opaque) -> None:
         kind = _LIFECYCLE.get(event, "other")
         if kind == "stopped" and detail in _STOPPED_BY_FAILURE:
             kind = "crashed"
-        self._events.put(LifecycleEvent(dom.name(), kind, time.monotonic(), time.time()))
+        self._events.put(LifecycleEvent(dom.name(), kind, time.monotonic(), time.time(), _instance_of(dom)))
 
     def _on_close(self, _conn, _reason, _opaque) -> None:
         self._lost.set()
@@ -287,32 +344,57 @@ class LibvirtHost:
             except Exception:  # a bug here must not stop event handling
                 log.exception("failed to apply %r", record)
 
-    def _dispatch(self, record: BlockJobEvent | LifecycleEvent) -> None:
-        if isinstance(record, BlockJobEvent):
-            self._stats.event(record.event_id)
-        else:
-            self._stats.event("lifecycle")
+    def _dispatch(self, record: BlockJobEvent | LifecycleEvent | _Ordered) -> None:
+        if isinstance(record, _Ordered):
+            try:
+                outcomes = record.apply()
+            finally:
+                record.done.set()
+            self._notify(outcomes)
+            return
+        self._stats.event(record.event_id if isinstance(record, BlockJobEvent) else "lifecycle")
         outcomes = self._state.apply(record)
         if isinstance(record, BlockJobEvent) or record.kind in ("started", "resumed", "stopped",
                                                                  "crashed", "undefined"):
             with self._refresh_lock:
                 self._refresh_domains.add(record.domain)
             self._wake.set()
-        if isinstance(record, BlockJobEvent) and record.event_id == "block_job_2":
-            log.info("block job %s on %s/%s: %s", record.job_type, record.domain, record.disk, record.status)
-        if outcomes:
-            self._notify(outcomes)
+        self._notify(outcomes)
 
     def _notify(self, outcomes: tuple[OutcomeRecord, ...]) -> None:
+        if not outcomes:
+            return
         for outcome in outcomes:
             if outcome.inferred:
                 log.info("block job %s on %s/%s ended without a libvirt event; counted as %s",
                          outcome.job_type, outcome.domain, outcome.disk, outcome.outcome)
+            else:
+                log.info("block job %s on %s/%s %s: counted", outcome.job_type, outcome.domain, outcome.disk,
+                         outcome.outcome)
         if self._on_outcomes is not None:
             try:
                 self._on_outcomes(outcomes)
             except Exception:
                 log.exception("outcome listener failed")
+
+    def _post(self, apply: Callable[[], tuple[OutcomeRecord, ...]], wait: bool = False) -> None:
+        """Hand a state change to the dispatcher behind every event libvirt has delivered so far.
+
+        Events that libvirt sent before the answers just read are applied first, so an answer can
+        never overtake the event that explains it (a job ended, a domain stopped or restarted).
+        With ``wait`` it returns once applied; never call it so while holding the event loop.
+        """
+        item = _Ordered(apply, threading.Event())
+        if not self._threads:  # not started (one-shot readers and tests): apply at once
+            self._dispatch(item)
+            return
+        loop = self._event_loop
+        if loop is None:
+            self._events.put(item)
+        else:
+            loop.call_soon(lambda: self._events.put(item))
+        if wait and not item.done.wait(self._POST_WAIT):
+            self._warn.warning("post", "the dispatcher has not applied a poll for %.0fs", self._POST_WAIT)
 
     # ------------------------------------------------------------------ poller thread
 
@@ -360,13 +442,13 @@ class LibvirtHost:
         if time.monotonic() >= next_poll:
             started = time.monotonic()
             self._poll_jobs()
-            outcomes = self._state.expire_pending()
-            if outcomes:
-                self._notify(outcomes)
+            # Waits for the cycle's answers too: the post-cycle hook decides on them.
+            self._post(self._state.expire, wait=True)
             self._stats.poll_cycle(time.monotonic() - started, time.time())
         if time.monotonic() - self._last_inventory >= self._inventory_interval:
             with self._holding_event_loop():  # one XMLDesc per domain: the same wakeups as a poll
-                self._refresh_all()
+                inventory, instances = self._list_inventory()
+            self._post(lambda: self._state.replace_inventory(inventory, instances))
         if self._after_cycle is not None and not self._lost.is_set():
             try:
                 self._after_cycle()
@@ -388,10 +470,7 @@ class LibvirtHost:
             self._stats.calls("open")
         except libvirt.libvirtError as err:
             self._stats.calls("open", errors=1)
-            message = str(err).strip()
-            if self.first_connect_error is None:
-                self.first_connect_error = message
-            self._warn.warning("connect", "cannot connect to %s: %s (retrying)", self.uri, message)
+            self._warn.warning("connect", "cannot connect to %s: %s (retrying)", self.uri, str(err).strip())
             return False
         self._lost.clear()
         self._conn = conn
@@ -445,7 +524,7 @@ class LibvirtHost:
         self._targets = None
         self._parsed_xml = {}
 
-    def _list_inventory(self) -> dict[str, tuple[DiskInfo, ...]]:
+    def _list_inventory(self) -> tuple[dict[str, tuple[DiskInfo, ...]], dict[str, DomainInstance]]:
         conn = self._conn
         assert conn is not None
         domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
@@ -469,27 +548,17 @@ class LibvirtHost:
         self._disks_by_domain = {name: tuple(d.disk for d in disks) for name, disks in inventory.items()}
         self._targets = None
         self._last_inventory = time.monotonic()
-        return inventory
+        return inventory, {name: _instance_of(dom) for name, dom in handles.items()}
 
     def _resync(self) -> None:
         """Full truth after (re)connect: every running domain's disks and every active job."""
         with self._refresh_lock:
             self._refresh_domains.clear()
         call_started = time.monotonic()
-        inventory = self._list_inventory()
+        inventory, instances = self._list_inventory()
         jobs, complete = self._collect_jobs()
-        outcomes = self._state.resync(inventory, jobs, call_started, jobs_complete=complete)
-        if outcomes:
-            self._notify(outcomes)
-
-    def _refresh_all(self) -> None:
-        """Slow-timer refresh: picks up chain changes and domains no event announced."""
-        with self._refresh_lock:
-            self._refresh_domains.clear()  # before listing: requests made meanwhile must survive
-        inventory = self._list_inventory()
-        outcomes = self._state.replace_inventory(inventory)
-        if outcomes:
-            self._notify(outcomes)
+        self._post(lambda: self._state.resync(inventory, jobs, call_started, jobs_complete=complete,
+                                              instances=instances), wait=True)
 
     def _refresh_domain(self, name: str) -> None:
         conn = self._conn
@@ -512,9 +581,8 @@ class LibvirtHost:
             self._disks_by_domain.pop(name, None)
             self._targets = None
             self._parsed_xml.pop(name, None)
-            outcomes = self._state.apply(LifecycleEvent(name, "stopped", time.monotonic(), time.time()))
-            if outcomes:
-                self._notify(outcomes)
+            gone = LifecycleEvent(name, "stopped", time.monotonic(), time.time())
+            self._post(lambda: self._state.apply(gone))
             return
         disks = self._parse_disks(name, xml)
         disk_names = tuple(d.disk for d in disks)
@@ -522,7 +590,8 @@ class LibvirtHost:
             self._targets = None
         self._domains[name] = dom
         self._disks_by_domain[name] = disk_names
-        self._state.update_domain(name, disks)
+        instance = _instance_of(dom)
+        self._post(lambda: self._state.update_domain(name, disks, instance))
 
     def _parse_disks(self, name: str, xml: str) -> tuple[DiskInfo, ...]:
         """Parses a domain's disks, reusing the last result while its XML is unchanged: the slow
@@ -535,52 +604,44 @@ class LibvirtHost:
         return disks
 
     def _collect_jobs(self) -> tuple[dict[DiskKey, JobInfo], bool]:
-        jobs: dict[DiskKey, JobInfo] = {}
-        complete = True
-        for name, disk, info, _started in self._read_cycle():
-            if info is _FAILED:
-                complete = False
-            elif info is not None:
-                jobs[(name, disk)] = info
+        """Every disk's job now; False when some disk could not be read (its job is unknown)."""
+        with_job, without_job = self._poll_targets()
+        with self._holding_event_loop():
+            answers, complete = self._read_answers(with_job + without_job)
         if self.unresponsive_domains():
             complete = False  # a hung domain's jobs are unknown, not ended
-        return jobs, complete
+        return {(a.domain, a.disk): a.info for a in answers if a.info is not None}, complete
 
     def _poll_jobs(self) -> None:
         """Disks with a job are read and applied first, so that their progress is read at the
         same point of every cycle and shows at once, not after every other disk's call."""
         with_job, without_job = self._poll_targets()
-        with self._holding_event_loop():
-            for batch in (with_job, without_job):
-                if batch:
-                    answers = self._read_answers(batch)
-                    self._state.apply_polls([answer for answer in answers if answer[2] is not _FAILED])
-
-    def _read_cycle(self) -> list[tuple[str, str, object, float]]:
-        """Every disk's answer in one list (for a resync)."""
-        with_job, without_job = self._poll_targets()
-        with self._holding_event_loop():
-            return self._read_answers(with_job + without_job)
+        for batch in (with_job, without_job):
+            if batch:
+                with self._holding_event_loop():
+                    answers, _complete = self._read_answers(batch)
+                self._post(lambda answers=answers: self._state.apply_polls(answers))
 
     def _holding_event_loop(self):
         return self._event_loop.held() if self._event_loop is not None else nullcontext()
 
-    def _poll_targets(self) -> tuple[list, list]:
+    def _poll_targets(self) -> tuple[list[_Target], list[_Target]]:
         """(disks with a job, the most recently moving first; every other disk) of the running
         domains."""
         targets = self._targets
         if targets is None:
-            targets = self._targets = [(name, dom, disk, (name, disk)) for name, dom in self._domains.items()
+            targets = self._targets = [_Target(name, dom, disk, _instance_of(dom))
+                                       for name, dom in self._domains.items()
                                        for disk in self._disks_by_domain.get(name, ())]
         moved = self._state.job_cursor_times()
         if not moved:
             return [], targets
-        with_job = [t for t in targets if t[3] in moved]
-        with_job.sort(key=lambda t: -moved[t[3]])
-        return with_job, [t for t in targets if t[3] not in moved]
+        with_job = [t for t in targets if t.key in moved]
+        with_job.sort(key=lambda t: -moved[t.key])
+        return with_job, [t for t in targets if t.key not in moved]
 
-    def _read_answers(self, targets: list) -> list[tuple[str, str, object, float]]:
-        """One ``blockJobInfo`` call per target; failures are skipped.
+    def _read_answers(self, targets: list[_Target]) -> tuple[list[PollAnswer], bool]:
+        """One ``blockJobInfo`` call per target: (the answers, whether every call answered).
 
         The calls run on a reader thread: a domain whose QEMU stops answering its monitor blocks
         its call with no timeout, and the poller must walk away from it rather than freeze every
@@ -588,37 +649,41 @@ class LibvirtHost:
         """
         with self._unresponsive_lock:
             if self._unresponsive:  # one may have hung in an earlier batch of this cycle
-                targets = [t for t in targets if t[0] not in self._unresponsive]
+                targets = [t for t in targets if t.domain not in self._unresponsive]
         calls = errors = 0
+        complete = True
         gone: list[str] = []
-        answers: list[tuple[str, str, object, float]] = []
-        results = self._read_job_infos(targets)
+        answers: list[PollAnswer] = []
+        reads = self._read_job_infos(targets)
         try:
-            for name, disk, outcome, started in results:
+            for read in reads:
                 calls += 1
-                if outcome.__class__ is dict:
-                    answers.append((name, disk, job_info_from_libvirt(outcome) if outcome else None, started))
+                target, result = read.target, read.result
+                if result.__class__ is dict:
+                    answers.append(PollAnswer(target.domain, target.disk, target.instance,
+                                              job_info_from_libvirt(result) if result else None, read.call_started))
                     continue
                 errors += 1
-                if outcome.get_error_code() in _DOMAIN_GONE_ERRORS:
-                    if name not in gone:
-                        log.info("domain %s went away during the poll; skipping it", name)
-                        gone.append(name)
+                if result.get_error_code() in _DOMAIN_GONE_ERRORS:
+                    if target.domain not in gone:
+                        log.info("domain %s went away during the poll; skipping it", target.domain)
+                        gone.append(target.domain)
                     continue
                 if not self._connection_alive():
-                    raise outcome
-                self._warn.warning(f"job:{name}:{disk}", "blockJobInfo(%s, %s) failed: %s", name, disk, outcome)
-                answers.append((name, disk, _FAILED, started))
+                    raise result
+                self._warn.warning(f"job:{target.domain}:{target.disk}", "blockJobInfo(%s, %s) failed: %s",
+                                   target.domain, target.disk, result)
+                complete = False
         finally:
             self._stats.calls("blockJobInfo", calls, errors)
             if gone:
                 with self._refresh_lock:
                     self._refresh_domains.update(gone)
                 self._wake.set()
-        return answers
+        return answers, complete and len(reads) == len(targets)
 
-    def _read_job_infos(self, targets: list[tuple[str, "libvirt.virDomain", str]]) -> list[tuple]:
-        results: list[tuple] = []
+    def _read_job_infos(self, targets: list[_Target]) -> list[_Read]:
+        results: list[_Read] = []
         position = 0
         while position < len(targets):
             reader = self._reader
@@ -629,19 +694,21 @@ class LibvirtHost:
             if stuck_at is None:
                 break
             self._reader = None  # left to its hung call; the next read starts a new one
-            name = targets[position + stuck_at][0]
+            name = targets[position + stuck_at].domain
             with self._unresponsive_lock:
                 self._unresponsive.add(name)
+                self._state.set_unresponsive(frozenset(self._unresponsive))
             self._warn.warning(f"stuck:{name}", "blockJobInfo on %s has not answered for %.1fs; skipping the "
                                "domain until it does", name, self._call_timeout)
             position += stuck_at + 1
-            while position < len(targets) and targets[position][0] == name:
+            while position < len(targets) and targets[position].domain == name:
                 position += 1
         return results
 
     def _answered_again(self, name: str) -> None:
         with self._unresponsive_lock:
             self._unresponsive.discard(name)
+            self._state.set_unresponsive(frozenset(self._unresponsive))
         log.info("domain %s answers blockJobInfo again", name)
         self._wake.set()
 
@@ -650,6 +717,15 @@ class LibvirtHost:
             return len(self._unresponsive)
 
     # ------------------------------------------------------------------ actions (policy, enforcing)
+
+    def fresh_snapshot(self) -> Snapshot:
+        """Every disk's job read now and applied: for a decision that must count every job on the
+        host, including one started by someone else since the last poll."""
+        with_job, without_job = self._poll_targets()
+        with self._holding_event_loop():
+            answers, _complete = self._read_answers(with_job + without_job)
+        self._post(lambda: self._state.apply_polls(answers), wait=True)
+        return self._state.snapshot()
 
     def _writable_domain(self, domain: str) -> libvirt.virDomain:
         if self.read_only or self._conn is None:
@@ -688,7 +764,8 @@ class LibvirtHost:
         except libvirt.libvirtError:
             self._stats.calls("blockJobInfo", errors=1)
             return
-        self._state.apply_poll(domain, disk, job_info_from_libvirt(raw), started)
+        answer = PollAnswer(domain, disk, _instance_of(dom), job_info_from_libvirt(raw), started)
+        self._post(lambda: self._state.apply_polls((answer,)), wait=True)
 
 
 class _DomainGone(Exception):
@@ -709,8 +786,8 @@ class _JobInfoReader(threading.Thread):
         super().__init__(name="blockjob-reader", daemon=True)
         self._answered_again = answered_again
         self._lock = threading.Lock()
-        self._targets: list | None = []
-        self._results: list[tuple] = []
+        self._targets: list[_Target] | None = []
+        self._results: list[_Read] = []
         self._position = 0
         self._call_started: float | None = None
         self._abandoned = False
@@ -730,12 +807,12 @@ class _JobInfoReader(threading.Thread):
             finally:
                 self._done.set()
 
-    def _read(self, targets: list) -> bool:
+    def _read(self, targets: list[_Target]) -> bool:
         """False once abandoned: the thread then ends."""
         monotonic = time.monotonic
         lock = self._lock
         results = self._results
-        for index, (name, dom, disk, _key) in enumerate(targets):
+        for index, target in enumerate(targets):
             if self._abandoned:
                 return False
             # No lock: the caller reads these two under the lock below and only acts on a
@@ -743,20 +820,20 @@ class _JobInfoReader(threading.Thread):
             self._position = index
             self._call_started = started = monotonic()
             try:
-                outcome = dom.blockJobInfo(disk, self._FLAGS)
+                outcome = target.handle.blockJobInfo(target.disk, self._FLAGS)
             except libvirt.libvirtError as err:
                 outcome = err
             with lock:
                 late = self._abandoned
                 if not late:
-                    results.append((name, disk, outcome, started))
+                    results.append(_Read(target, outcome, started))
                     self._call_started = None
             if late:
-                self._answered_again(name)
+                self._answered_again(target.domain)
                 return False
         return True
 
-    def read(self, targets: list, call_timeout: float, results: list) -> int | None:
+    def read(self, targets: list[_Target], call_timeout: float, results: list[_Read]) -> int | None:
         """Reads ``targets`` into ``results``; returns None when all were read, else the index of
         the call that hung (the reader is then abandoned and must not be used again)."""
         with self._lock:
@@ -784,9 +861,6 @@ class _JobInfoReader(threading.Thread):
         self._go.set()
 
 
-_FAILED = object()
-
-
 def open_read_only_for_plan(uri: str) -> "PlanReader":
     """A one-shot reader for ``policy plan``: inventory and jobs, no events."""
     return PlanReader(uri)
@@ -800,14 +874,8 @@ class PlanReader:
     def read(self, state: State) -> None:
         host = LibvirtHost(uri="", state=state, stats=SelfStats())
         host._conn = self._conn
-        call_started = time.monotonic()
-        inventory = host._list_inventory()
-        jobs, complete = host._collect_jobs()
-        state.resync(inventory, jobs, call_started, jobs_complete=complete)
+        host._resync()
         state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
 
     def close(self) -> None:
         self._conn.close()
-
-
-ConnectError = libvirt.libvirtError

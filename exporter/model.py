@@ -17,6 +17,16 @@ DiskKey = tuple[str, str]  # (domain name, disk target such as "vda")
 
 
 @dataclass(frozen=True)
+class DomainInstance:
+    """One run of a domain. A domain gets a new runtime id each time it starts (and one recreated
+    from XML usually a new UUID), so a job of a restarted domain is never the job of the run before
+    it, even under the same name."""
+
+    uuid: str
+    id: int
+
+
+@dataclass(frozen=True)
 class BackingImage:
     """One image below the active layer, as the live domain XML names it."""
 
@@ -67,6 +77,7 @@ class ActiveJob:
     ready: bool
     start_time: float  # Unix time the exporter first saw the job
     cursor_changed_time: float  # Unix time cur last moved (start_time until it does)
+    instance: DomainInstance | None = None  # the run of the domain the job belongs to
 
     @property
     def key(self) -> DiskKey:
@@ -95,14 +106,16 @@ class BlockJobEvent:
     event_id: str  # "block_job_2" or "block_job"
     monotonic: float
     wall: float
+    instance: DomainInstance | None = None  # None: not known (matches any run)
 
 
 @dataclass(frozen=True)
 class LifecycleEvent:
     domain: str
-    kind: str  # "started", "stopped", "undefined", "defined", "suspended", "resumed", "other"
+    kind: str  # "started", "stopped", "crashed", "undefined", "defined", "suspended", "resumed", "other"
     monotonic: float
     wall: float
+    instance: DomainInstance | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,17 @@ class ConnectionEvent:
     connected: bool
     monotonic: float
     wall: float
+
+
+@dataclass(frozen=True)
+class PollAnswer:
+    """One ``blockJobInfo`` answer, applied in the order libvirt sent it relative to events."""
+
+    domain: str
+    disk: str
+    instance: DomainInstance | None  # the run the poller's domain handle was opened for
+    info: JobInfo | None  # None: no job on the disk
+    call_started: float  # monotonic time before the call
 
 
 @dataclass(frozen=True)
@@ -140,8 +164,10 @@ class Snapshot:
     inferred_outcomes: Mapping[tuple[str, str, str, str], int]
     running_domains: frozenset[str]
     version: int  # bumps on every change; lets readers cache work derived from a snapshot
-    taken_monotonic: float = 0.0
     taken_wall: float = 0.0
+    tracked_domains: int = 0  # domains with series: running, or gone within the retention
+    tracked_disks: int = 0  # disks with series
+    unresponsive_domains: frozenset[str] = frozenset()  # whose blockJobInfo has not answered
     recent_outcomes: tuple[OutcomeRecord, ...] = field(default=())  # newest last, bounded
 
     @staticmethod

@@ -1,23 +1,35 @@
 """What the exporter knows about disks and block jobs, behind one lock.
 
-Events are hints and polls are samples; ``resync`` after every (re)connect is the truth. The hard
-part is counting every outcome exactly once when the same end can be seen up to four ways: a
-``BLOCK_JOB_2`` event, a poll that no longer finds the job, a lifecycle event for the domain, and
-a resync after a reconnect. The rules:
+Events are hints and polls are samples; ``resync`` after every (re)connect is the truth. Writers
+are applied in the order libvirt sent them: ``libvirt_host`` hands poll answers, refreshes and
+resyncs to the same queue as the events, behind every event that libvirt delivered before the
+answer. The hard part is counting every outcome exactly once when the same end can be seen up to
+four ways (a ``BLOCK_JOB_2`` event, a poll that no longer finds the job, a lifecycle event, a
+resync) and when a domain of the same name can be a different run of it. The rules:
 
 * Only ``BLOCK_JOB_2`` events count outcomes; ``BLOCK_JOB`` is the same outcome named by path.
-* A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds, because
-  the event that names the outcome may still be on its way. If none comes, the outcome is
-  inferred from the disk (see ``infer_outcome``).
-* A poll result for a disk whose job ended after that poll's call began is stale and ignored, so
-  an in-flight poll cannot resurrect a job an event just ended.
-* An event for a disk with no known job counts (the job ran between two polls) unless an outcome
-  was inferred for that disk within ``dedup_window`` seconds: libvirt re-emits events for jobs that
-  ended while it was down, and we may already have counted those at resync.
+* A job belongs to one run of its domain (``DomainInstance``: UUID and runtime id). An answer or
+  event from another run never updates, ends or stands in for it. When a run ends (stopped,
+  crashed, or a later run seen) its jobs end, inferred, and later events of that run are not
+  counted: they report ends that were counted when the run ended.
+* A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds; if no event
+  names the outcome by then, it is inferred from the disk (see ``infer_outcome``).
+* A poll answer for a disk whose job ended after that poll's call began is stale and ignored.
+* An event for a disk with no known job counts (the job ran between two polls), with one exception:
+  within ``settle`` seconds after a resync inferred the end of a job of the same run on that disk,
+  the first such event is libvirt re-reporting that end (it does so for jobs that finished while
+  it was down) and is not counted again. libvirtd queues such a report before it answers the
+  resync's read of that domain, so it arrives before the resync is applied (and then ends the job
+  as an ordinary event) or, when libvirtd's event thread lags its RPC worker, just after: the
+  window is short so that a new job started right after a reconnect is still counted. Every event
+  that is not counted is logged with the reason.
+* Series of a domain that is gone are dropped after ``retention`` seconds; a domain that comes back
+  within it keeps its counters.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -31,30 +43,51 @@ from .model import (
     ConnectionEvent,
     DiskInfo,
     DiskKey,
+    DomainInstance,
     JobInfo,
     LifecycleEvent,
     OutcomeRecord,
+    PollAnswer,
     Snapshot,
 )
 
+log = logging.getLogger(__name__)
+
 _RECENT_OUTCOMES_KEPT = 256
+_ENDED_KEPT_SECONDS = 300.0  # an in-flight poll answer is never older than this
+_STOPPED_RUNS_KEPT = 4096
 
 
 @dataclass(frozen=True)
-class _Tracked:
-    """Per-job facts the snapshot does not show but outcome inference needs."""
+class TrackedJob:
+    """An active job with the facts outcome inference needs; what the state file keeps."""
 
+    job: ActiveJob
     chain_at_start: tuple[str, ...]
     source_at_start: str
 
 
 @dataclass(frozen=True)
+class _Settling:
+    """The end of a job a resync inferred; libvirt may still re-report it just after."""
+
+    instance: DomainInstance | None
+    job_type: str
+    outcome: str
+    until: float  # monotonic
+
+
+@dataclass(frozen=True)
 class _Ended:
     monotonic: float
-    inferred: bool
+    instance: DomainInstance | None
 
 
-def infer_outcome(job: ActiveJob, tracked: _Tracked | None, disk_now: DiskInfo | None,
+def _same_run(a: DomainInstance | None, b: DomainInstance | None) -> bool:
+    return a is None or b is None or a == b
+
+
+def infer_outcome(job: ActiveJob, tracked: TrackedJob | None, disk_now: DiskInfo | None,
                   domain_running: bool, domain_crashed: bool = False) -> str:
     """Tell how a job ended when libvirt never said.
 
@@ -82,23 +115,31 @@ def infer_outcome(job: ActiveJob, tracked: _Tracked | None, disk_now: DiskInfo |
 class State:
     def __init__(self, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 pending_grace: float = 3.0, dedup_window: float = 60.0) -> None:
+                 pending_grace: float = 3.0, settle: float = 0.25, retention: float = 3600.0) -> None:
         self._lock = threading.Lock()
         self._clock = clock
         self._monotonic = monotonic
         self._pending_grace = pending_grace
-        self._dedup_window = dedup_window
+        self._settle = settle
+        self._retention = retention
         self._connected = False
         self._running: set[str] = set()
+        self._instances: dict[str, DomainInstance] = {}  # running domain -> its current run
+        self._unresponsive: frozenset[str] = frozenset()
+        self._stopped_runs: dict[DomainInstance, float] = {}  # run -> monotonic time it ended
+        self._gone_since: dict[str, float] = {}  # domain with series, not running -> monotonic
         self._disks: dict[DiskKey, DiskInfo] = {}
         self._jobs: dict[DiskKey, ActiveJob] = {}
-        self._tracked: dict[DiskKey, _Tracked] = {}
+        self._tracked: dict[DiskKey, TrackedJob] = {}
         self._pending: dict[DiskKey, float] = {}  # key -> monotonic time the poll lost the job
-        self._ended: dict[DiskKey, _Ended] = {}
+        self._ended: dict[DiskKey, _Ended] = {}  # the last job that ended on each disk
+        self._settling: dict[DiskKey, _Settling] = {}
         self._outcomes: dict[tuple[str, str, str, str], int] = {}
         self._inferred: dict[tuple[str, str, str, str], int] = {}
         self._recent: list[OutcomeRecord] = []
         self._version = 0
+        self._jobs_generation = 0  # bumps when a job starts or ends (not when it moves)
+        self._last_prune = 0.0
         self._snapshot: Snapshot | None = None
 
     # ----------------------------------------------------------------- readers
@@ -107,6 +148,8 @@ class State:
         """An immutable view; cached until the next change so scrapes cost no copying."""
         with self._lock:
             if self._snapshot is None:
+                series_disks = {(k[0], k[1]) for k in self._outcomes}
+                series_disks.update(self._disks)
                 self._snapshot = Snapshot(
                     connected=self._connected,
                     disks=MappingProxyType(dict(self._disks)),
@@ -115,8 +158,10 @@ class State:
                     inferred_outcomes=MappingProxyType(dict(self._inferred)),
                     running_domains=frozenset(self._running),
                     version=self._version,
-                    taken_monotonic=self._monotonic(),
                     taken_wall=self._clock(),
+                    tracked_domains=len(self._running.union(k[0] for k in series_disks)),
+                    tracked_disks=len(series_disks),
+                    unresponsive_domains=self._unresponsive,
                     recent_outcomes=tuple(self._recent),
                 )
             return self._snapshot
@@ -126,46 +171,59 @@ class State:
         with self._lock:
             return {key: job.cursor_changed_time for key, job in self._jobs.items()}
 
-    def has_pending(self) -> bool:
+    def tracked_jobs(self) -> tuple[int, tuple[TrackedJob, ...]]:
+        """(generation, jobs): the generation changes only when a job starts or ends."""
         with self._lock:
-            return bool(self._pending)
+            return self._jobs_generation, tuple(
+                self._tracked.get(key) or TrackedJob(job, (), "") for key, job in self._jobs.items())
 
     # ----------------------------------------------------------------- writers
+
+    def set_unresponsive(self, domains: frozenset[str]) -> None:
+        """The domains whose ``blockJobInfo`` has not answered (a hung QEMU), as the poller sees them."""
+        with self._lock:
+            if domains != self._unresponsive:
+                self._unresponsive = domains
+                self._changed()
 
     def apply(self, event: BlockJobEvent | LifecycleEvent | ConnectionEvent) -> tuple[OutcomeRecord, ...]:
         """Apply one event; returns the outcomes it counted (for notifiers and the policy)."""
         with self._lock:
             if isinstance(event, BlockJobEvent):
-                result = self._apply_block_job(event)
-            elif isinstance(event, LifecycleEvent):
-                result = self._apply_lifecycle(event)
-            elif isinstance(event, ConnectionEvent):
+                return self._apply_block_job(event)
+            if isinstance(event, LifecycleEvent):
+                return self._apply_lifecycle(event)
+            if isinstance(event, ConnectionEvent):
                 if self._connected != event.connected:
                     self._connected = event.connected
                     self._changed()
-                result = ()
-            else:  # pragma: no cover - programming error
-                raise TypeError(f"unknown event {event!r}")
-            return result
+                return ()
+            raise TypeError(f"unknown event {event!r}")  # pragma: no cover - programming error
 
-    def apply_poll(self, domain: str, disk: str, info: JobInfo | None, call_started: float) -> None:
+    def apply_poll(self, domain: str, disk: str, info: JobInfo | None, call_started: float,
+                   instance: DomainInstance | None = None) -> tuple[OutcomeRecord, ...]:
         """Apply one ``blockJobInfo`` answer; ``call_started`` is monotonic time before the call."""
-        self.apply_polls(((domain, disk, info, call_started),))
+        return self.apply_polls((PollAnswer(domain, disk, instance, info, call_started),))
 
-    def apply_polls(self, answers: Iterable[tuple[str, str, JobInfo | None, float]]) -> None:
-        """Apply a poll cycle's answers under one lock; most are "no job" and cost a lookup."""
+    def apply_polls(self, answers: Iterable[PollAnswer]) -> tuple[OutcomeRecord, ...]:
+        """Apply a batch of answers under one lock; most are "no job" and cost a lookup."""
+        records: list[OutcomeRecord] = []
         with self._lock:
             jobs, now = self._jobs, None
-            for domain, disk, info, call_started in answers:
-                key = (domain, disk)
+            for answer in answers:
+                key = (answer.domain, answer.disk)
                 job = jobs.get(key)
+                info = answer.info
                 if info is None and job is None:
                     continue
-                ended = self._ended.get(key)
-                if ended is not None and ended.monotonic >= call_started:
-                    continue  # an event ended this job while the call was in flight
-                if domain not in self._running:
+                if answer.domain not in self._running:
                     continue  # the domain stopped while the call was in flight
+                current = self._instances.get(answer.domain)
+                if not _same_run(answer.instance, current):
+                    continue  # answered through the handle of an earlier run of the domain
+                ended = self._ended.get(key)
+                if ended is not None and ended.monotonic >= answer.call_started and _same_run(ended.instance, current):
+                    continue  # an event ended this job while the call was in flight
                 if info is None:
                     if key not in self._pending:
                         self._pending[key] = self._monotonic()
@@ -173,54 +231,63 @@ class State:
                 self._pending.pop(key, None)
                 if now is None:
                     now = self._clock()
-                if job is not None and job.job_type != info.job_type:
+                if job is not None and not _same_run(job.instance, current):
+                    # The run the job belonged to ended unseen; this is a job of the new run.
+                    records.extend(self._end_run_jobs(answer.domain, job.instance, crashed=False))
+                    job = None
+                elif job is not None and job.job_type != info.job_type:
                     # A different job took the disk between two polls without any event for the
                     # old one: the old one ended, the new one starts now.
-                    self._end_job(key, infer_outcome(job, self._tracked.get(key), self._disks.get(key), True),
-                                  inferred=True, job_type=job.job_type)
+                    records.append(self._end_job(key, infer_outcome(job, self._tracked.get(key), self._disks.get(key),
+                                                                    True), inferred=True))
                     job = None
                 if job is None:
-                    self._start_job(key, info, now)
+                    self._start_job(key, info, now, current or answer.instance)
                 else:
                     self._update_job(key, job, info, now)
+        return tuple(records)
 
-    def expire_pending(self) -> tuple[OutcomeRecord, ...]:
-        """Infer outcomes for jobs the poll lost longer than the grace ago with no event."""
+    def expire(self) -> tuple[OutcomeRecord, ...]:
+        """Infer outcomes for jobs the poll lost longer than the grace ago with no event, and drop
+        the series of domains gone longer than the retention."""
         with self._lock:
-            if not self._pending:
-                return ()
-            deadline = self._monotonic() - self._pending_grace
+            now = self._monotonic()
             records = []
+            deadline = now - self._pending_grace
             for key, lost_at in list(self._pending.items()):
                 if lost_at > deadline:
                     continue
                 job = self._jobs[key]
-                outcome = infer_outcome(job, self._tracked.get(key), self._disks.get(key),
-                                        key[0] in self._running)
+                running = key[0] in self._running and _same_run(job.instance, self._instances.get(key[0]))
+                outcome = infer_outcome(job, self._tracked.get(key), self._disks.get(key), running)
                 records.append(self._end_job(key, outcome, inferred=True))
+            self._forget_gone(now)
             return tuple(records)
 
-    def update_domain(self, domain: str, disks: Iterable[DiskInfo]) -> None:
+    def update_domain(self, domain: str, disks: Iterable[DiskInfo],
+                      instance: DomainInstance | None = None) -> tuple[OutcomeRecord, ...]:
         """Replace one running domain's disks (after a lifecycle or block-job event)."""
         with self._lock:
+            records = self._set_run(domain, instance)
             if domain not in self._running:
                 self._running.add(domain)
+                self._gone_since.pop(domain, None)
                 self._changed()
             self._replace_disks(lambda key: key[0] == domain, {d.key: d for d in disks})
+            return records
 
-    def replace_inventory(self, disks: Mapping[str, Iterable[DiskInfo]]) -> tuple[OutcomeRecord, ...]:
-        """Replace the disk inventory; jobs of domains no longer running end (inferred)."""
+    def replace_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
+                          instances: Mapping[str, DomainInstance] | None = None) -> tuple[OutcomeRecord, ...]:
+        """Replace the disk inventory; jobs of domains no longer running (or of an earlier run)
+        end, inferred."""
         with self._lock:
-            self._set_inventory(disks)
-            records = []
-            for key in [k for k in self._jobs if k[0] not in self._running]:
-                outcome = infer_outcome(self._jobs[key], self._tracked.get(key), None, False)
-                records.append(self._end_job(key, outcome, inferred=True))
+            records = self._set_inventory(disks, instances or {})
             self._changed()
-            return tuple(records)
+            return records
 
     def resync(self, disks: Mapping[str, Iterable[DiskInfo]], jobs: Mapping[DiskKey, JobInfo],
-               call_started: float, jobs_complete: bool = True) -> tuple[OutcomeRecord, ...]:
+               call_started: float, jobs_complete: bool = True,
+               instances: Mapping[str, DomainInstance] | None = None) -> tuple[OutcomeRecord, ...]:
         """Replace everything with what libvirt says now, counting jobs that ended unseen.
 
         ``disks`` maps every running domain to its disks; ``jobs`` holds every active job found.
@@ -228,35 +295,51 @@ class State:
         they were rather than being counted as ended.
         """
         with self._lock:
-            self._set_inventory(disks)
-            records = []
+            records = list(self._set_inventory(disks, instances or {}))
+            now_m = self._monotonic()
             for key in list(self._jobs):
                 if key in jobs:
                     continue
-                if not jobs_complete and key[0] in self._running and key in self._disks:
+                if not jobs_complete and key in self._disks:
                     continue
                 ended = self._ended.get(key)
                 if ended is not None and ended.monotonic >= call_started:
                     continue
                 job = self._jobs[key]
-                outcome = infer_outcome(job, self._tracked.get(key), self._disks.get(key),
-                                        key[0] in self._running)
+                outcome = infer_outcome(job, self._tracked.get(key), self._disks.get(key), True)
                 records.append(self._end_job(key, outcome, inferred=True))
+                self._settling[key] = _Settling(job.instance, job.job_type, outcome, now_m + self._settle)
             now = self._clock()
             for key, info in jobs.items():
                 ended = self._ended.get(key)
-                if ended is not None and ended.monotonic >= call_started:
+                if (ended is not None and ended.monotonic >= call_started
+                        and _same_run(ended.instance, self._instances.get(key[0]))):
                     continue
                 job = self._jobs.get(key)
                 self._pending.pop(key, None)
-                if job is None or job.job_type != info.job_type:
-                    if job is not None:
-                        records.append(self._end_job(key, "failed", inferred=True))
-                    self._start_job(key, info, now)
+                if job is not None and job.job_type != info.job_type:
+                    records.append(self._end_job(key, infer_outcome(job, self._tracked.get(key),
+                                                                    self._disks.get(key), True), inferred=True))
+                    job = None
+                if job is None:
+                    self._start_job(key, info, now, self._instances.get(key[0]))
                 else:
                     self._update_job(key, job, info, now)
             self._changed()
             return tuple(records)
+
+    def restore(self, tracked: Iterable[TrackedJob]) -> None:
+        """Jobs a previous process was tracking (from the state file), before the first resync
+        tells which of them are still running and which ended meanwhile."""
+        with self._lock:
+            for entry in tracked:
+                key = entry.job.key
+                self._jobs[key] = entry.job
+                self._tracked[key] = entry
+                for outcome in OUTCOMES:
+                    self._outcomes.setdefault((key[0], key[1], entry.job.job_type, outcome), 0)
+            self._jobs_generation += 1
+            self._changed()
 
     # ----------------------------------------------------------------- internals (lock held)
 
@@ -264,10 +347,51 @@ class State:
         self._version += 1
         self._snapshot = None
 
-    def _set_inventory(self, disks: Mapping[str, Iterable[DiskInfo]]) -> None:
-        self._running = set(disks)
+    def _set_run(self, domain: str, instance: DomainInstance | None) -> tuple[OutcomeRecord, ...]:
+        """Record the current run of a domain; the jobs of an earlier run end with it."""
+        if instance is None:
+            return ()
+        current = self._instances.get(domain)
+        self._instances[domain] = instance
+        if current is None or current == instance:
+            return ()
+        self._stopped_runs[current] = self._monotonic()
+        return self._end_run_jobs(domain, current, crashed=False)
+
+    def _end_run_jobs(self, domain: str, run: DomainInstance | None, crashed: bool) -> tuple[OutcomeRecord, ...]:
+        """End the jobs of one run of a domain (every run's when ``run`` is None): it has ended."""
+        now = self._monotonic()
+        if run is not None:
+            self._stopped_runs[run] = now
+        records = []
+        for key in [k for k, job in self._jobs.items() if k[0] == domain and _same_run(job.instance, run)]:
+            job = self._jobs[key]
+            if job.instance is not None:
+                self._stopped_runs[job.instance] = now
+            outcome = infer_outcome(job, self._tracked.get(key), None, False, domain_crashed=crashed)
+            records.append(self._end_job(key, outcome, inferred=True))
+        return tuple(records)
+
+    def _set_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
+                       instances: Mapping[str, DomainInstance]) -> tuple[OutcomeRecord, ...]:
+        now = self._monotonic()
+        running = set(disks)
+        for name in self._running - running:
+            self._gone_since[name] = now
+            run = self._instances.pop(name, None)
+            if run is not None:
+                self._stopped_runs[run] = now
+        for name in running:
+            self._gone_since.pop(name, None)
+        self._running = running
+        records = []
+        for name, run in instances.items():
+            records.extend(self._set_run(name, run))
+        for name in {k[0] for k in self._jobs if k[0] not in running}:
+            records.extend(self._end_run_jobs(name, None, crashed=False))
         new_disks = {d.key: d for domain_disks in disks.values() for d in domain_disks}
         self._replace_disks(lambda key: True, new_disks)
+        return tuple(records)
 
     def _update_job(self, key: DiskKey, job: ActiveJob, info: JobInfo, now: float) -> None:
         """A new sample of a known job; the cursor's change time moves only when it moves."""
@@ -298,27 +422,32 @@ class State:
         if changed:
             self._changed()
 
-    def _start_job(self, key: DiskKey, info: JobInfo, now: float) -> None:
+    def _start_job(self, key: DiskKey, info: JobInfo, now: float, instance: DomainInstance | None) -> None:
         domain, disk = key
-        self._jobs[key] = ActiveJob(
+        job = self._jobs[key] = ActiveJob(
             domain=domain, disk=disk, job_type=info.job_type, cur=info.cur, end=info.end,
-            bandwidth=info.bandwidth, ready=info.ready, start_time=now, cursor_changed_time=now)
+            bandwidth=info.bandwidth, ready=info.ready, start_time=now, cursor_changed_time=now,
+            instance=instance)
         current = self._disks.get(key)
-        self._tracked[key] = _Tracked(
+        self._tracked[key] = TrackedJob(
+            job=job,
             chain_at_start=tuple(i.path for i in current.backing_chain) if current else (),
             source_at_start=current.source if current else "")
+        self._settling.pop(key, None)
         for outcome in OUTCOMES:
             self._outcomes.setdefault((domain, disk, info.job_type, outcome), 0)
+        self._jobs_generation += 1
         self._changed()
 
-    def _end_job(self, key: DiskKey, outcome: str, inferred: bool, job_type: str | None = None) -> OutcomeRecord:
-        job = self._jobs.pop(key, None)
+    def _end_job(self, key: DiskKey, outcome: str, inferred: bool) -> OutcomeRecord:
+        job = self._jobs.pop(key)
         self._tracked.pop(key, None)
         self._pending.pop(key, None)
-        job_type = job_type or (job.job_type if job else "unknown")
-        return self._count(key, job_type, outcome, inferred)
+        self._jobs_generation += 1
+        return self._count(key, job.job_type, outcome, inferred, job.instance)
 
-    def _count(self, key: DiskKey, job_type: str, outcome: str, inferred: bool) -> OutcomeRecord:
+    def _count(self, key: DiskKey, job_type: str, outcome: str, inferred: bool,
+               instance: DomainInstance | None) -> OutcomeRecord:
         domain, disk = key
         for each in OUTCOMES:
             self._outcomes.setdefault((domain, disk, job_type, each), 0)
@@ -326,7 +455,9 @@ class State:
         if inferred:
             counter_key = (domain, disk, job_type, outcome)
             self._inferred[counter_key] = self._inferred.get(counter_key, 0) + 1
-        self._ended[key] = _Ended(monotonic=self._monotonic(), inferred=inferred)
+        self._ended[key] = _Ended(self._monotonic(), instance)
+        if domain not in self._running:
+            self._gone_since.setdefault(domain, self._monotonic())
         record = OutcomeRecord(domain=domain, disk=disk, job_type=job_type, outcome=outcome,
                                inferred=inferred, wall=self._clock())
         self._recent.append(record)
@@ -335,38 +466,88 @@ class State:
         self._changed()
         return record
 
+    def _not_counted(self, event: BlockJobEvent, why: str) -> None:
+        log.info("block job %s on %s/%s %s: not counted, %s", event.job_type, event.domain, event.disk,
+                 event.status, why)
+
     def _apply_block_job(self, event: BlockJobEvent) -> tuple[OutcomeRecord, ...]:
         if event.event_id != "block_job_2":
             return ()  # same outcome as BLOCK_JOB_2, named by path: never counted
         key = (event.domain, event.disk)
         job = self._jobs.get(key)
+        same_run = job is not None and _same_run(job.instance, event.instance)
         if event.status == "ready":
-            if job is not None and not job.ready:
+            if same_run and not job.ready:
                 self._jobs[key] = replace(job, ready=True)
                 self._changed()
             return ()
         if event.status not in OUTCOMES:
             return ()
-        if job is not None:
+        if same_run:
             # The tracked type labels the series the gauges used; libvirt's event agrees with it.
-            return (self._end_job(key, event.status, inferred=False, job_type=job.job_type),)
-        ended = self._ended.get(key)
-        if ended is not None and ended.inferred and event.monotonic - ended.monotonic <= self._dedup_window:
-            return ()  # re-emitted by libvirt for an end we already inferred at resync
-        return (self._count(key, event.job_type, event.status, inferred=False),)
+            return (self._end_job(key, event.status, inferred=False),)
+        run = event.instance
+        if run is not None and run in self._stopped_runs:
+            self._not_counted(event, f"it reports a job of run {run.id} of the domain, whose jobs were "
+                                     "counted when that run ended")
+            return ()
+        records: tuple[OutcomeRecord, ...] = ()
+        if job is not None and not _same_run(job.instance, self._instances.get(event.domain)):
+            # A job of an earlier run is still tracked: that run has ended.
+            records = self._end_run_jobs(event.domain, job.instance, crashed=False)
+        settling = self._settling.pop(key, None)
+        if (settling is not None and _same_run(settling.instance, run) and event.monotonic <= settling.until
+                and settling.job_type in (event.job_type, "unknown")):
+            self._not_counted(event, f"libvirt re-reported the end of the {settling.job_type} job that the "
+                                     f"resync after reconnecting counted as {settling.outcome} (inferred)")
+            return records
+        return records + (self._count(key, event.job_type, event.status, inferred=False, instance=run),)
 
     def _apply_lifecycle(self, event: LifecycleEvent) -> tuple[OutcomeRecord, ...]:
-        if event.kind not in ("stopped", "crashed", "undefined"):
+        name, run = event.domain, event.instance
+        if event.kind == "started":
+            return self._set_run(name, run)
+        if event.kind not in ("stopped", "crashed"):
             return ()
-        if event.domain not in self._running and not any(k[0] == event.domain for k in self._jobs):
+        crashed = event.kind == "crashed"
+        current = self._instances.get(name)
+        if not _same_run(run, current):
+            # The end of an earlier run, reported after a later run was seen.
+            return self._end_run_jobs(name, run, crashed)
+        self._instances.pop(name, None)
+        if run is not None:
+            self._stopped_runs[run] = self._monotonic()
+        if name not in self._running and not any(k[0] == name for k in self._jobs):
             return ()
-        self._running.discard(event.domain)
-        records = []
-        for key in [k for k in self._jobs if k[0] == event.domain]:
-            outcome = infer_outcome(self._jobs[key], self._tracked.get(key), None, False,
-                                    domain_crashed=event.kind == "crashed")
-            records.append(self._end_job(key, outcome, inferred=True))
-        for key in [k for k in self._disks if k[0] == event.domain]:
+        self._running.discard(name)
+        self._gone_since[name] = self._monotonic()
+        records = self._end_run_jobs(name, run or current, crashed)
+        for key in [k for k in self._disks if k[0] == name]:
             del self._disks[key]
         self._changed()
-        return tuple(records)
+        return records
+
+    def _forget_gone(self, now: float) -> None:
+        """Drop the series of domains gone longer than the retention, and bookkeeping no answer
+        or event can need any more. Runs at most every few seconds: it walks the tables."""
+        if now - self._last_prune < min(5.0, self._retention):
+            return
+        self._last_prune = now
+        expired = {name for name, since in self._gone_since.items()
+                   if now - since >= self._retention and name not in self._running}
+        if expired:
+            for table in (self._outcomes, self._inferred):
+                for key in [k for k in table if k[0] in expired]:
+                    del table[key]
+            for name in expired:
+                del self._gone_since[name]
+            self._changed()
+        for key in [k for k, e in self._ended.items() if now - e.monotonic > _ENDED_KEPT_SECONDS or k[0] in expired]:
+            del self._ended[key]
+        for key in [k for k, s in self._settling.items() if now > s.until]:
+            del self._settling[key]
+        old = [run for run, at in self._stopped_runs.items() if now - at > max(self._retention, _ENDED_KEPT_SECONDS)]
+        for run in old:
+            del self._stopped_runs[run]
+        while len(self._stopped_runs) > _STOPPED_RUNS_KEPT:  # dicts keep insertion order: oldest first
+            del self._stopped_runs[next(iter(self._stopped_runs))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,11 +47,17 @@ class Metrics:
 class Exporter:
     """``python -m exporter`` on a free loopback port, stopped with SIGTERM at the end."""
 
-    def __init__(self, *args: str, poll_interval: str = "0.2s", env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *args: str, poll_interval: str = "0.2s", env: Mapping[str, str] | None = None,
+                 state_file: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Each exporter keeps its own state file (the default path is the host's), kept for a restart
+        # with the same ``state_file``.
+        self.state_dir = None if state_file else tempfile.mkdtemp(prefix="lbje-state-")
+        self.state_file = state_file or os.path.join(self.state_dir, "state.json")
         self.args = [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}",
-                     f"--poll.interval={poll_interval}", "--log.level=debug", *args]
+                     f"--poll.interval={poll_interval}", "--log.level=debug", f"--state.file={self.state_file}",
+                     *args]
         self.log = tempfile.NamedTemporaryFile(prefix="lbje-exporter-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env={**os.environ, **(env or {})})
@@ -103,6 +110,8 @@ class Exporter:
     def stop(self, timeout: float = 10.0) -> int:
         returncode = vmlib.stop_process(self.proc, timeout)
         self.log.close()
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         return returncode
 
     def __enter__(self) -> "Exporter":

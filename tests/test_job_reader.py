@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("libvirt")
 
-from exporter.libvirt_host import LibvirtHost, _JobInfoReader  # noqa: E402
+from exporter.libvirt_host import LibvirtHost, _JobInfoReader, _Target  # noqa: E402
+from exporter.model import DomainInstance  # noqa: E402
 from exporter.selfstats import SelfStats  # noqa: E402
 from exporter.state import State  # noqa: E402
 
@@ -29,7 +30,11 @@ class FakeDomain:
 
 
 def target(name, dom, disk):
-    return (name, dom, disk, (name, disk))
+    return _Target(name, dom, disk, DomainInstance(f"uuid-{name}", 1))
+
+
+def named(reads):
+    return [(r.target.domain, r.target.disk) for r in reads]
 
 
 def test_one_reader_serves_cycle_after_cycle():
@@ -41,7 +46,8 @@ def test_one_reader_serves_cycle_after_cycle():
         for _ in range(3):
             results: list = []
             assert reader.read([target("a", dom, "vda"), target("a", dom, "vdb")], 1.0, results) is None
-            assert [(r[0], r[1], r[2]) for r in results] == [("a", "vda", dom.job), ("a", "vdb", dom.job)]
+            assert [(r.target.domain, r.target.disk, r.result) for r in results] == [("a", "vda", dom.job),
+                                                                                     ("a", "vdb", dom.job)]
         assert len(set(dom.threads)) == 1 and len(dom.threads) == 6
     finally:
         reader.stop()
@@ -58,7 +64,7 @@ def test_a_hung_call_is_left_behind_and_reported_when_it_answers():
     started = time.monotonic()
     stuck = reader.read([target("ok", FakeDomain(), "vda"), target("hung", FakeDomain(gate=gate), "vda"),
                          target("later", FakeDomain(), "vda")], 0.2, results)
-    assert stuck == 1 and [r[0] for r in results] == ["ok"]
+    assert stuck == 1 and named(results) == [("ok", "vda")]
     assert time.monotonic() - started < 2
     gate.set()
     reader.join(5)
@@ -73,7 +79,7 @@ def test_the_poller_skips_a_hung_domain_until_it_answers_and_reads_the_rest():
     host._disks_by_domain = {"a": ("vda",), "hung": ("vda", "vdb"), "z": ("vda",)}
     first = host._read_job_infos([target(n, host._domains[n], d) for n in ("a", "hung", "z")
                                   for d in host._disks_by_domain[n]])
-    assert [(r[0], r[1]) for r in first] == [("a", "vda"), ("z", "vda")]  # both of hung's disks skipped
+    assert named(first) == [("a", "vda"), ("z", "vda")]  # both of hung's disks skipped
     assert host.unresponsive_domains() == 1
     abandoned = [t for t in threading.enumerate() if t.name == "blockjob-reader"]
     gate.set()
@@ -83,7 +89,7 @@ def test_the_poller_skips_a_hung_domain_until_it_answers_and_reads_the_rest():
     assert host.unresponsive_domains() == 0
     second = host._read_job_infos([target(n, host._domains[n], d) for n in ("a", "hung", "z")
                                    for d in host._disks_by_domain[n]])
-    assert [(r[0], r[1]) for r in second] == [("a", "vda"), ("hung", "vda"), ("hung", "vdb"), ("z", "vda")]
+    assert named(second) == [("a", "vda"), ("hung", "vda"), ("hung", "vdb"), ("z", "vda")]
     host._reader.stop()
     for thread in abandoned:
         thread.join(2)
@@ -106,6 +112,12 @@ def test_disks_with_a_moving_job_are_read_and_applied_first():
         def __init__(self, name, job):
             super().__init__(job)
             self.name = name
+
+        def UUIDString(self):  # noqa: N802
+            return f"uuid-{self.name}"
+
+        def ID(self):  # noqa: N802
+            return 1
 
         def blockJobInfo(self, disk, flags):  # noqa: N802
             # What the state shows for "moving" when its own call is made tells whether the

@@ -60,6 +60,15 @@ class FakeHost:
     def abort_job(self, domain, disk):
         self._call("abort_job", domain, disk)
 
+    # The host as it is now: the snapshot the engine was given unless a test says otherwise.
+    view = None
+    given = None
+    fresh_reads = 0
+
+    def fresh_snapshot(self):
+        self.fresh_reads += 1
+        return self.view if self.view is not None else self.given
+
 
 def disk(domain, target="vda", chain=("/img/base.qcow2",)):
     return DiskInfo(domain, target, f"/img/{domain}.qcow2", "qcow2", tuple(BackingImage(p, "qcow2") for p in chain))
@@ -104,6 +113,13 @@ def make(tmp_path, enforcing=True, host=None, clock=None, **kw):
     host = host if host is not None else FakeHost()
     path = kw.pop("path", None) or write_policy(tmp_path, **{k: kw.pop(k) for k in ("rules", "limits") if k in kw})
     engine = PolicyEngine(path, enforcing, host, clock=clock, now=clock.now, space=kw.pop("space", plenty), **kw)
+    evaluate_and_act = engine.evaluate_and_act
+
+    def remember_given(snapshot):
+        host.given = snapshot
+        return evaluate_and_act(snapshot)
+
+    engine.evaluate_and_act = remember_given
     return engine, host, clock
 
 
@@ -184,6 +200,22 @@ def test_own_starts_count_until_their_outcome_even_if_snapshot_is_stale(tmp_path
     assert {d.domain: d.reason for d in plan.decisions} == {
         "a": "active_job", "b": "concurrency", "c": "concurrency", "d": "concurrency",
     }
+
+
+def test_a_job_started_since_the_last_poll_counts_against_the_cap(tmp_path):
+    engine, host, clock = make(tmp_path)  # max_concurrent 2
+    disks = [disk("a"), disk("b"), disk("c"), disk("hand")]
+    host.view = snap(disks, jobs=[job("x", "vda", "copy"), job("hand")])  # started by hand meanwhile
+    plan = engine.evaluate_and_act(snap(disks, jobs=[job("x", "vda", "copy")]))  # the last poll's view
+    assert host.calls == [] and host.fresh_reads == 1
+    assert {d.domain: d.reason for d in plan.decisions} == {"a": "concurrency", "b": "concurrency",
+                                                           "c": "concurrency", "hand": "active_job"}
+
+
+def test_no_fresh_read_when_nothing_would_start(tmp_path):
+    engine, host, clock = make(tmp_path)
+    engine.evaluate_and_act(snap([disk("a"), disk("b")], jobs=[job("x"), job("y")]))
+    assert host.fresh_reads == 0 and host.calls == []
 
 
 def test_job_end_lets_the_next_candidate_start_at_once(tmp_path):

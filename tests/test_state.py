@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.model import BackingImage, BlockJobEvent, ConnectionEvent, DiskInfo, JobInfo, LifecycleEvent
-from exporter.state import State
+from exporter.model import (
+    ActiveJob,
+    BackingImage,
+    BlockJobEvent,
+    ConnectionEvent,
+    DiskInfo,
+    DomainInstance,
+    JobInfo,
+    LifecycleEvent,
+)
+from exporter.state import State, TrackedJob
 
 
 class Clock:
@@ -30,7 +39,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def state(clock: Clock) -> State:
-    s = State(clock=clock.wall, monotonic=clock.mono, pending_grace=3.0, dedup_window=60.0)
+    s = State(clock=clock.wall, monotonic=clock.mono, pending_grace=3.0, settle=0.25, retention=600.0)
     s.apply(ConnectionEvent(True, clock.mono(), clock.wall()))
     return s
 
@@ -44,8 +53,18 @@ def pull(cur=10, end=100, bandwidth=0, job_type="pull") -> JobInfo:
     return JobInfo(job_type=job_type, cur=cur, end=end, bandwidth=bandwidth)
 
 
-def event(clock: Clock, status: str, domain="dom", target="vda", job_type="pull", event_id="block_job_2"):
-    return BlockJobEvent(domain, target, job_type, status, event_id, clock.mono(), clock.wall())
+def event(clock: Clock, status: str, domain="dom", target="vda", job_type="pull", event_id="block_job_2",
+          run=None):
+    return BlockJobEvent(domain, target, job_type, status, event_id, clock.mono(), clock.wall(), run)
+
+
+def lifecycle(clock: Clock, kind: str, run=None, domain="dom"):
+    return LifecycleEvent(domain, kind, clock.mono(), clock.wall(), run)
+
+
+RUN1 = DomainInstance("uuid-1", 7)
+RUN2 = DomainInstance("uuid-1", 8)  # the same domain started again
+RUN3 = DomainInstance("uuid-2", 9)  # recreated from XML under the same name
 
 
 def count(state: State, outcome: str, domain="dom", target="vda", job_type="pull") -> int:
@@ -112,7 +131,7 @@ def test_in_flight_poll_cannot_resurrect_a_job_an_event_ended(state, clock):
     assert state.snapshot().jobs == {}
     clock.tick(10)
     state.apply_poll("dom", "vda", None, clock.mono())
-    assert state.expire_pending() == ()
+    assert state.expire() == ()
     assert total_outcomes(state) == 1
 
 
@@ -124,7 +143,7 @@ def test_poll_loses_job_then_event_names_the_outcome(state, clock):
     clock.tick(1)
     state.apply(event(clock, "failed"))
     clock.tick(10)
-    assert state.expire_pending() == ()
+    assert state.expire() == ()
     assert count(state, "failed") == 1
     assert total_outcomes(state) == 1
 
@@ -135,14 +154,15 @@ def test_lost_job_without_event_is_inferred_completed_from_the_flattened_chain(s
     state.apply_poll("dom", "vda", None, clock.mono())
     state.update_domain("dom", [disk(depth=0)])
     clock.tick(2)
-    assert state.expire_pending() == ()  # still inside the grace
+    assert state.expire() == ()  # still inside the grace
     clock.tick(2)
-    records = state.expire_pending()
+    records = state.expire()
     assert [(r.outcome, r.inferred) for r in records] == [("completed", True)]
     assert state.snapshot().inferred_outcomes[("dom", "vda", "pull", "completed")] == 1
-    # libvirt's late event for the same end is not counted again
+    # An event now is another job's: libvirt reports an end before the poll that no longer finds
+    # the job, and the host applies both in that order.
     state.apply(event(clock, "completed"))
-    assert count(state, "completed") == 1
+    assert count(state, "completed") == 2
 
 
 def test_lost_job_with_unchanged_chain_is_counted_failed(state, clock):
@@ -150,7 +170,7 @@ def test_lost_job_with_unchanged_chain_is_counted_failed(state, clock):
     clock.tick()
     state.apply_poll("dom", "vda", None, clock.mono())
     clock.tick(5)
-    assert [r.outcome for r in state.expire_pending()] == ["failed"]
+    assert [r.outcome for r in state.expire()] == ["failed"]
 
 
 def test_job_reappearing_within_grace_is_the_same_job(state, clock):
@@ -161,7 +181,7 @@ def test_job_reappearing_within_grace_is_the_same_job(state, clock):
     clock.tick()
     state.apply_poll("dom", "vda", pull(cur=20), clock.mono())
     clock.tick(10)
-    assert state.expire_pending() == ()
+    assert state.expire() == ()
     assert state.snapshot().jobs[("dom", "vda")].start_time == started
     assert total_outcomes(state) == 0
 
@@ -192,7 +212,7 @@ def test_resync_counts_jobs_that_ended_while_disconnected_and_ignores_reemitted_
     records = state.resync({"dom": [disk(depth=0), disk(target="vdb")]}, {("dom", "vdb"): pull(cur=50)},
                            call_started=clock.mono())
     assert [(r.disk, r.outcome, r.inferred) for r in records] == [("vda", "completed", True)]
-    clock.tick(0.5)
+    clock.tick(0.1)
     state.apply(event(clock, "completed"))  # libvirt re-emits after its restart
     assert count(state, "completed") == 1
     assert state.snapshot().jobs[("dom", "vdb")].cur == 50
@@ -235,7 +255,7 @@ def test_ready_event_and_mirror_inference(state, clock):
     clock.tick()
     state.apply_poll("dom", "vda", None, clock.mono())
     clock.tick(5)
-    assert [r.outcome for r in state.expire_pending()] == ["canceled"]
+    assert [r.outcome for r in state.expire()] == ["canceled"]
 
 
 def test_copy_that_pivoted_is_inferred_completed(state, clock):
@@ -246,7 +266,7 @@ def test_copy_that_pivoted_is_inferred_completed(state, clock):
     state.apply_poll("dom", "vda", None, clock.mono())
     state.update_domain("dom", [disk(depth=0, source="/img/copy.qcow2")])
     clock.tick(5)
-    assert [r.outcome for r in state.expire_pending()] == ["completed"]
+    assert [r.outcome for r in state.expire()] == ["completed"]
 
 
 def test_pull_at_end_minus_one_is_not_ready(state, clock):
@@ -271,3 +291,149 @@ def test_inventory_refresh_ends_jobs_of_vanished_domains(state, clock):
     records = state.replace_inventory({"other": [disk(domain="other")]})
     assert [(r.domain, r.outcome) for r in records] == [("dom", "canceled")]
     assert set(state.snapshot().disks) == {("other", "vda")}
+
+
+# ------------------------------------------------------------------ runs of a domain (issue 9)
+
+
+def start_run(state: State, clock: Clock, run: DomainInstance, depth=1, source="/img/top.qcow2") -> None:
+    state.update_domain("dom", [disk(depth=depth, source=source)], run)
+    state.apply_poll("dom", "vda", pull(), clock.mono(), run)
+
+
+def test_recreated_domain_counts_its_own_outcomes_right_after_an_inferred_one(state, clock):
+    start_run(state, clock, RUN1)
+    clock.tick()
+    records = state.apply(lifecycle(clock, "stopped", RUN1))  # destroyed mid-pull
+    assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]
+    clock.tick(2)
+    state.apply(lifecycle(clock, "started", RUN3))
+    state.update_domain("dom", [disk(depth=1)], RUN3)
+    state.apply(event(clock, "completed", run=RUN3))  # a short pull, never seen by a poll
+    clock.tick(5)
+    state.apply(event(clock, "failed", run=RUN3))  # and a failed one (ENOSPC)
+    assert (count(state, "completed"), count(state, "failed"), count(state, "canceled")) == (1, 1, 1)
+
+
+def test_late_event_of_a_run_that_ended_is_not_counted_again(state, clock, caplog):
+    start_run(state, clock, RUN1)
+    state.apply(lifecycle(clock, "crashed", RUN1))  # kill -9
+    assert count(state, "failed") == 1
+    caplog.set_level("INFO", logger="exporter.state")
+    assert state.apply(event(clock, "failed", run=RUN1)) == ()
+    assert count(state, "failed") == 1
+    assert "not counted, it reports a job of run 7 of the domain" in caplog.text
+
+
+def test_quick_pulls_on_a_restarted_domain_are_all_counted(state, clock):
+    start_run(state, clock, RUN1)
+    state.apply(lifecycle(clock, "crashed", RUN1))
+    state.apply(lifecycle(clock, "started", RUN2))
+    state.update_domain("dom", [disk(depth=1)], RUN2)
+    for _ in range(3):
+        clock.tick(5)
+        state.apply(event(clock, "completed", run=RUN2))
+    assert (count(state, "completed"), count(state, "failed")) == (3, 1)
+
+
+def test_a_poll_through_the_handle_of_an_earlier_run_is_ignored(state, clock):
+    start_run(state, clock, RUN1)
+    state.apply(lifecycle(clock, "stopped", RUN1))
+    state.apply(lifecycle(clock, "started", RUN2))
+    state.update_domain("dom", [disk()], RUN2)
+    state.apply_poll("dom", "vda", pull(cur=50), clock.mono(), RUN1)  # stale handle
+    assert state.snapshot().jobs == {}
+    clock.tick()
+    state.apply_poll("dom", "vda", pull(cur=50), clock.mono(), RUN2)
+    assert state.snapshot().jobs[("dom", "vda")].instance == RUN2
+
+
+def test_a_new_run_seen_before_the_old_runs_stop_ends_the_old_job_not_the_new_one(state, clock):
+    start_run(state, clock, RUN1)
+    clock.tick()
+    records = state.update_domain("dom", [disk()], RUN2)  # restarted; its stop event still on the way
+    assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]
+    state.apply_poll("dom", "vda", pull(cur=3), clock.mono(), RUN2)
+    assert state.apply(lifecycle(clock, "stopped", RUN1)) == ()
+    assert state.snapshot().jobs[("dom", "vda")].cur == 3  # the new run's job lives on
+    state.apply(event(clock, "completed", run=RUN2))
+    assert (count(state, "completed"), count(state, "canceled")) == (1, 1)
+
+
+def test_reemitted_event_within_the_settle_time_of_a_resync_is_ignored_and_a_later_one_counts(state, clock,
+                                                                                               caplog):
+    start_run(state, clock, RUN1)
+    state.apply(ConnectionEvent(False, clock.mono(), clock.wall()))
+    clock.tick(10)
+    records = state.resync({"dom": [disk(depth=0)]}, {}, clock.mono(), instances={"dom": RUN1})
+    assert [(r.outcome, r.inferred) for r in records] == [("completed", True)]
+    caplog.set_level("INFO", logger="exporter.state")
+    clock.tick(0.2)
+    assert state.apply(event(clock, "completed", run=RUN1)) == ()  # libvirt re-reports that end
+    assert "not counted, libvirt re-reported the end of the pull job that the resync" in caplog.text
+    clock.tick(3)  # a new layer is added and pulled within seconds
+    state.update_domain("dom", [disk(depth=0, source="/img/new.qcow2")], RUN1)
+    state.apply(event(clock, "completed", run=RUN1))
+    assert count(state, "completed") == 2
+
+
+def test_only_one_reemitted_event_is_taken_for_one_inferred_end(state, clock):
+    start_run(state, clock, RUN1)
+    clock.tick(10)
+    state.resync({"dom": [disk(depth=0)]}, {}, clock.mono(), instances={"dom": RUN1})
+    clock.tick(0.1)
+    state.apply(event(clock, "completed", run=RUN1))
+    clock.tick(0.1)
+    state.apply(event(clock, "completed", run=RUN1))  # a second, quick job
+    assert count(state, "completed") == 2
+
+
+def test_resync_finding_a_new_run_ends_the_old_runs_job_as_canceled(state, clock):
+    start_run(state, clock, RUN1)
+    clock.tick(10)
+    records = state.resync({"dom": [disk()]}, {("dom", "vda"): pull(cur=1)}, clock.mono(), instances={"dom": RUN2})
+    assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]
+    job = state.snapshot().jobs[("dom", "vda")]
+    assert (job.instance, job.cur, job.start_time) == (RUN2, 1, clock.wall())
+
+
+def test_series_of_a_gone_domain_are_dropped_after_the_retention(state, clock):
+    start_run(state, clock, RUN1)
+    state.update_domain("other", [disk(domain="other")], DomainInstance("uuid-o", 3))
+    state.apply(lifecycle(clock, "stopped", RUN1))
+    snap = state.snapshot()
+    assert (snap.tracked_domains, snap.tracked_disks, len(snap.jobs)) == (2, 2, 0)
+    clock.tick(599)
+    state.expire()
+    assert count(state, "canceled") == 1
+    clock.tick(6)  # the retention is checked every few seconds
+    state.expire()
+    snap = state.snapshot()
+    assert [k for k in snap.outcomes if k[0] == "dom"] == [] and snap.inferred_outcomes == {}
+    assert (snap.tracked_domains, snap.tracked_disks) == (1, 1)
+
+
+def test_a_domain_back_within_the_retention_keeps_its_counters(state, clock):
+    start_run(state, clock, RUN1)
+    state.apply(lifecycle(clock, "stopped", RUN1))
+    clock.tick(300)
+    state.expire()
+    state.update_domain("dom", [disk()], RUN2)
+    clock.tick(400)
+    state.expire()
+    assert count(state, "canceled") == 1
+
+
+def test_restored_jobs_are_reconciled_by_the_first_resync(clock):
+    state = State(clock=clock.wall, monotonic=clock.mono)
+    chain = ("/img/b0.qcow2",)
+    running = ActiveJob("dom", "vda", "pull", 5, 100, 0, False, 123.0, 124.0, RUN1)
+    ended = ActiveJob("dom", "vdb", "pull", 5, 100, 0, False, 125.0, 125.0, RUN1)
+    gone = ActiveJob("gone", "vda", "pull", 5, 100, 0, False, 126.0, 126.0, RUN3)
+    state.restore([TrackedJob(running, chain, "/img/top.qcow2"), TrackedJob(ended, chain, "/img/top.qcow2"),
+                   TrackedJob(gone, chain, "/img/top.qcow2")])
+    records = state.resync({"dom": [disk(depth=1), disk(target="vdb", depth=0)]}, {("dom", "vda"): pull(cur=9)},
+                           clock.mono(), instances={"dom": RUN1})
+    assert sorted((r.domain, r.disk, r.outcome, r.inferred) for r in records) == [
+        ("dom", "vdb", "completed", True), ("gone", "vda", "canceled", True)]
+    assert state.snapshot().jobs[("dom", "vda")].start_time == 123.0  # the same job

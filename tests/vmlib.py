@@ -825,3 +825,35 @@ class BlockJobEvents:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def domains_with_job(doms, disk: str = "vda") -> set[str]:
+    """The names among ``doms`` whose ``disk`` has an active job, read by one ``virsh`` process (one
+    sample of many domains at nearly the same moment)."""
+    names = [_name(d) for d in doms]
+    script = " ; ".join(f"echo @{n} ; blockjob {n} {disk} --info --raw --bytes" for n in names)
+    busy, current = set(), None
+    for line in virsh(script).splitlines():
+        line = line.strip()
+        if line.startswith("@"):
+            current = line[1:]
+        elif line.startswith("cur=") and current is not None:
+            busy.add(current)
+    return busy
+
+
+def recreate(vm: VM, paused: bool = True) -> None:
+    """Create a transient domain again from its XML (same name, same UUID-less XML: a new UUID)."""
+    virsh("create", vm.xml_path, *(["--paused"] if paused else []))
+
+
+def add_layer(vm: VM, label: str, disk: str = "vda") -> Path:
+    """A fresh external overlay on ``disk``: one more backing image to pull."""
+    path = vm.workdir / f"{label}.qcow2"
+    virsh("snapshot-create-as", vm.name, "--disk-only", "--no-metadata", "--atomic",
+          "--diskspec", f"{disk},file={path}")
+    return path
+
+
+def qemu_pid(vm) -> int:
+    return int(Path(f"/run/libvirt/qemu/{_name(vm)}.pid").read_text().strip())

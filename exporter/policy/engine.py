@@ -36,6 +36,8 @@ class PolicyHost(Protocol):
 
     def abort_job(self, domain: str, disk: str) -> None: ...
 
+    def fresh_snapshot(self) -> Snapshot: ...
+
 
 class PolicyEngine:
     """Runs one policy file against successive snapshots. Thread-safe.
@@ -112,25 +114,28 @@ class PolicyEngine:
 
     def evaluate_and_act(self, snapshot: Snapshot) -> Plan:
         with self._act_lock:
-            with self._lock:
-                policy = self._policy
-                self._reconcile(snapshot, policy)
-                history = History(MappingProxyType(dict(self._history)))
-            plan = evaluate(
-                snapshot,
-                policy,
-                self._now(),
-                history,
-                self._space,
-                self._enforcing,
-                self._matches(snapshot, policy),
-            )
+            plan, policy = self._evaluate(snapshot)
+            if self._enforcing and any(d.action == "start" for d in plan.decisions):
+                # max_concurrent counts every job on the host: decide again on the jobs as they
+                # are now, not as the last poll saw them (someone may have started one since).
+                assert self._host is not None
+                snapshot = self._host.fresh_snapshot()
+                plan, policy = self._evaluate(snapshot)
             if self._enforcing:
                 plan = self._act(plan, snapshot, policy)
             with self._lock:
                 self._last_plan = plan
             self._log_changes(plan)
             return plan
+
+    def _evaluate(self, snapshot: Snapshot) -> tuple[Plan, Policy]:
+        with self._lock:
+            policy = self._policy
+            self._reconcile(snapshot, policy)
+            history = History(MappingProxyType(dict(self._history)))
+        plan = evaluate(snapshot, policy, self._now(), history, self._space, self._enforcing,
+                        self._matches(snapshot, policy))
+        return plan, policy
 
     def _matches(self, snapshot: Snapshot, policy: Policy) -> Matches:
         # Matching depends only on the policy, the disks and the running domains. Snapshot
