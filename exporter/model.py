@@ -6,7 +6,7 @@ outside ``libvirt_host`` needs to know libvirt's integer constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
@@ -168,7 +168,6 @@ class Snapshot:
     tracked_domains: int = 0  # domains with series: running, or gone within the retention
     tracked_disks: int = 0  # disks with series
     unresponsive_domains: frozenset[str] = frozenset()  # whose blockJobInfo has not answered
-    recent_outcomes: tuple[OutcomeRecord, ...] = field(default=())  # newest last, bounded
 
     @staticmethod
     def empty() -> "Snapshot":

@@ -53,7 +53,6 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
-_RECENT_OUTCOMES_KEPT = 256
 _ENDED_KEPT_SECONDS = 300.0  # an in-flight poll answer is never older than this
 _STOPPED_RUNS_KEPT = 4096
 
@@ -136,7 +135,6 @@ class State:
         self._settling: dict[DiskKey, _Settling] = {}
         self._outcomes: dict[tuple[str, str, str, str], int] = {}
         self._inferred: dict[tuple[str, str, str, str], int] = {}
-        self._recent: list[OutcomeRecord] = []
         self._version = 0
         self._jobs_generation = 0  # bumps when a job starts or ends (not when it moves)
         self._last_prune = 0.0
@@ -162,7 +160,6 @@ class State:
                     tracked_domains=len(self._running.union(k[0] for k in series_disks)),
                     tracked_disks=len(series_disks),
                     unresponsive_domains=self._unresponsive,
-                    recent_outcomes=tuple(self._recent),
                 )
             return self._snapshot
 
@@ -460,9 +457,6 @@ class State:
             self._gone_since.setdefault(domain, self._monotonic())
         record = OutcomeRecord(domain=domain, disk=disk, job_type=job_type, outcome=outcome,
                                inferred=inferred, wall=self._clock())
-        self._recent.append(record)
-        if len(self._recent) > _RECENT_OUTCOMES_KEPT:
-            del self._recent[: len(self._recent) - _RECENT_OUTCOMES_KEPT]
         self._changed()
         return record
 

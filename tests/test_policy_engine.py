@@ -13,7 +13,7 @@ from types import MappingProxyType
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.model import ActiveJob, BackingImage, DiskInfo, OutcomeRecord, Snapshot
+from exporter.model import ActiveJob, BackingImage, DiskInfo, Snapshot
 from exporter.policy.commands import policy_plan
 from exporter.policy.config import PolicyError
 from exporter.policy.decide import DiskSpace
@@ -81,7 +81,7 @@ def job(domain, target="vda", job_type="pull"):
 _version = [0]
 
 
-def snap(disks=(), jobs=(), outcomes=(), taken_wall=0.0):
+def snap(disks=(), jobs=(), taken_wall=0.0):
     _version[0] += 1
     disks = list(disks)
     return Snapshot(
@@ -93,7 +93,6 @@ def snap(disks=(), jobs=(), outcomes=(), taken_wall=0.0):
         running_domains=frozenset(d.domain for d in disks) | frozenset(j.domain for j in jobs),
         version=_version[0],
         taken_wall=taken_wall,
-        recent_outcomes=tuple(outcomes),
     )
 
 
@@ -300,18 +299,6 @@ def test_start_exception_counts_as_error_and_backs_off(tmp_path):
     clock.t += 241
     engine.evaluate_and_act(snap([disk("a")], jobs=[job("b")]))
     assert host.calls[-1] == ("start_pull", "a", "vda", 1024**2)
-
-
-def test_outcomes_are_also_learned_from_the_snapshot(tmp_path):
-    engine, host, clock = make(tmp_path, limits="  retry_after: 1h\n")
-    engine.evaluate_and_act(snap([disk("a")]))
-    clock.t += 30
-    failed = OutcomeRecord("a", "vda", "pull", "failed", inferred=False, wall=clock.t - 5)
-    plan = engine.evaluate_and_act(snap([disk("a")], outcomes=[failed]))
-    assert plan.decisions[0].reason == "backoff"
-    engine.on_outcome("a", "vda", "pull", "failed", clock.t - 5)  # the same outcome again: no double count
-    engine.evaluate_and_act(snap([disk("a")], outcomes=[failed]))
-    assert engine.history().disks[("a", "vda")].failures == 1
 
 
 def test_outcomes_of_other_jobs_are_ignored(tmp_path):

@@ -224,9 +224,7 @@ class PolicyEngine:
             self._apply_outcome((domain, disk), job_type, outcome, wall, self._policy)
 
     def _reconcile(self, snapshot: Snapshot, policy: Policy) -> None:
-        """Learn outcomes from the snapshot too, so a missed on_outcome call cannot leak a slot."""
-        for rec in snapshot.recent_outcomes:
-            self._apply_outcome((rec.domain, rec.disk), rec.job_type, rec.outcome, rec.wall, policy)
+        """Forget what no longer matters, and give up on a pull that vanished without an outcome."""
         # Forget disks that are gone and owe us nothing (no running pull, no failures to remember).
         for key in [k for k, h in self._history.items() if snapshot.connected
                     and k not in snapshot.disks and not h.running and not h.failures]:
