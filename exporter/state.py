@@ -83,7 +83,11 @@ class _Ended:
 
 
 def _same_run(a: DomainInstance | None, b: DomainInstance | None) -> bool:
-    return a is None or b is None or a == b
+    """Whether two sightings can be the same run; None is unknown, and id -1 (what libvirt says of
+    a domain once it has stopped, e.g. in the event for a destroy) is any run of that UUID."""
+    if a is None or b is None or a == b:
+        return True
+    return (a.id < 0 or b.id < 0) and a.uuid == b.uuid
 
 
 def infer_outcome(job: ActiveJob, tracked: TrackedJob | None, disk_now: DiskInfo | None,
@@ -481,7 +485,7 @@ class State:
             # The tracked type labels the series the gauges used; libvirt's event agrees with it.
             return (self._end_job(key, event.status, inferred=False),)
         run = event.instance
-        if run is not None and run in self._stopped_runs:
+        if run is not None and run.id >= 0 and run in self._stopped_runs:
             self._not_counted(event, f"it reports a job of run {run.id} of the domain, whose jobs were "
                                      "counted when that run ended")
             return ()
@@ -509,8 +513,9 @@ class State:
             # The end of an earlier run, reported after a later run was seen.
             return self._end_run_jobs(name, run, crashed)
         self._instances.pop(name, None)
-        if run is not None:
-            self._stopped_runs[run] = self._monotonic()
+        for ended in (run, current):
+            if ended is not None:
+                self._stopped_runs[ended] = self._monotonic()
         if name not in self._running and not any(k[0] == name for k in self._jobs):
             return ()
         self._running.discard(name)

@@ -437,3 +437,19 @@ def test_restored_jobs_are_reconciled_by_the_first_resync(clock):
     assert sorted((r.domain, r.disk, r.outcome, r.inferred) for r in records) == [
         ("dom", "vdb", "completed", True), ("gone", "vda", "canceled", True)]
     assert state.snapshot().jobs[("dom", "vda")].start_time == 123.0  # the same job
+
+
+def test_a_stop_reported_with_id_minus_one_ends_the_current_run_of_that_uuid(state, clock):
+    start_run(state, clock, RUN1)
+    records = state.apply(lifecycle(clock, "stopped", DomainInstance("uuid-1", -1)))  # virsh destroy
+    assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]
+    assert "dom" not in state.snapshot().running_domains
+    assert state.apply(event(clock, "canceled", run=RUN1)) == ()  # late: that run's jobs were counted
+
+
+def test_a_late_stop_with_id_minus_one_of_an_earlier_uuid_leaves_the_recreated_domain_alone(state, clock):
+    start_run(state, clock, RUN1)
+    start_run(state, clock, RUN3)  # recreated from XML: another UUID
+    assert count(state, "canceled") == 1
+    assert state.apply(lifecycle(clock, "stopped", DomainInstance("uuid-1", -1))) == ()
+    assert state.snapshot().jobs[("dom", "vda")].instance == RUN3

@@ -1,0 +1,251 @@
+"""Churn run: the outcomes libvirt reported against the outcomes the exporter counted.
+
+    sudo .venv/bin/python -m bench.churn --minutes 10 --seed 1
+
+Drives the real libvirtd + QEMU on a seeded random schedule over a few small no-OS domains:
+capped and quick pulls (started by hand, as an operator would), aborts, ENOSPC failures on a small
+tmpfs, domains destroyed mid-pull and recreated under the same name, QEMUs killed with SIGKILL and
+recreated, and libvirtd restarts (one while a pull is about to end). An independent witness,
+``virsh event --all --loop`` (restarted after each libvirtd restart), tallies the ``block-job-2``
+outcomes libvirt reported; the script itself knows the ends libvirt never reports (a destroy or a
+kill mid-pull). At the end it compares, per outcome, what the exporter counted from events and what
+it inferred with those two tallies, and exits 1 on a difference it cannot explain.
+
+A libvirtd restart is the one moment two honest observers can differ: an end that libvirt
+re-reports right after it comes back reaches whichever of them is connected first. The report
+shows those restarts; every other difference is a defect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+_TESTS = Path(__file__).resolve().parent.parent / "tests"
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
+
+import vmlib  # noqa: E402
+from exporterlib import Exporter, start_libvirtd, stop_libvirtd  # noqa: E402
+
+PREFIX = "lbje-churn-"
+vmlib.NAME_PREFIX = PREFIX
+MiB = 1024 * 1024
+OUTCOMES = ("completed", "failed", "canceled")
+_EVENT = re.compile(r"event 'block-job-2' for domain '(?P<domain>[^']*)': .+ for (?P<disk>\S+) "
+                    r"(?P<status>completed|failed|canceled)$")
+
+
+class Witness:
+    """``virsh event --all --loop``: libvirt's own account of every block-job-2 outcome."""
+
+    def __init__(self) -> None:
+        self.seen: Counter = Counter()  # (domain, outcome)
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="witness")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            proc = self._proc = subprocess.Popen(
+                ["virsh", "-c", vmlib.URI, "event", "--all", "--loop"], stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                m = _EVENT.search(line.strip())
+                if m and m["domain"].startswith(PREFIX):
+                    with self._lock:
+                        self.seen[(m["domain"], m["status"])] += 1
+            proc.wait()
+            time.sleep(0.1)  # libvirtd is away: try again
+
+    def counts(self) -> Counter:
+        with self._lock:
+            return Counter(self.seen)
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._proc is not None:
+            vmlib.stop_process(self._proc)
+        self._thread.join(5)
+
+
+class Churn:
+    def __init__(self, seed: int, domains: int, log=print) -> None:
+        self.rng = random.Random(seed)
+        self.log = log
+        self.factory = vmlib.VMFactory()
+        self.vms: list = []
+        self.layers = Counter()
+        self.unreported: Counter = Counter()  # (domain, outcome) libvirt never reports
+        self.away: Counter = Counter()  # domain -> jobs that ended while libvirtd was down
+        self.actions: Counter = Counter()
+        self.domains = domains
+
+    def setup(self) -> None:
+        small = self.factory.tmpfs_dir(16)
+        self.vms = [self.factory.create(f"c{i}", depth=1, data_mib=32, size_mib=64, paused=True)
+                    for i in range(self.domains - 1)]
+        self.vms.append(self.factory.create("enospc", depth=1, data_mib=64, active_dir=small, paused=True))
+
+    def _ready_to_pull(self, vm) -> bool:
+        if vmlib.domain_state(vm) is None or vmlib.job_info(vm) is not None:
+            return False
+        if vm.label != "enospc" and vmlib.backing_depth(vm) == 0:
+            self.layers[vm.name] += 1
+            vmlib.add_layer(vm, f"layer{self.layers[vm.name]}")
+        return True
+
+    def step(self) -> None:
+        vm = self.rng.choice(self.vms)
+        action = self.rng.choices(["capped", "quick", "abort", "destroy", "kill"], [4, 4, 2, 1, 1])[0]
+        if vm.label == "enospc":
+            action = "quick"
+        info = vmlib.job_info(vm) if vmlib.domain_state(vm) is not None else None
+        if action in ("capped", "quick"):
+            if not self._ready_to_pull(vm):
+                return
+            if action == "capped":
+                vmlib.start_pull(vm, "vda", bandwidth_bytes=self.rng.choice([2, 4, 8]) * MiB)
+            else:
+                subprocess.run(["virsh", "-c", vmlib.URI, "blockpull", vm.name, "vda", "--wait"],
+                               capture_output=True, timeout=60)
+        elif info is None:
+            return
+        elif action == "abort":
+            subprocess.run(["virsh", "-c", vmlib.URI, "blockjob", vm.name, "vda", "--abort"], capture_output=True)
+        elif action == "destroy":
+            vmlib.destroy(vm)
+            self.unreported[(vm.name, "canceled")] += 1
+            vmlib.recreate(vm)
+        else:
+            os.kill(vmlib.qemu_pid(vm), signal.SIGKILL)
+            vmlib.wait_for(lambda: vmlib.domain_state(vm) is None, timeout=30, what="killed QEMU gone")
+            self.unreported[(vm.name, "failed")] += 1
+            vmlib.recreate(vm)
+        self.actions[action] += 1
+
+    def restart_libvirtd(self, while_ending: bool) -> None:
+        if while_ending:  # a pull that ends while libvirtd is away
+            vm = next((v for v in self.vms if v.label != "enospc" and self._ready_to_pull(v)), None)
+            if vm is not None:
+                vmlib.start_pull(vm, "vda", bandwidth_bytes=16 * MiB)
+                time.sleep(1)
+        running = [v for v in self.vms if vmlib.domain_state(v) is not None and vmlib.job_info(v) is not None]
+        stop_libvirtd()
+        time.sleep(self.rng.uniform(1, 5))
+        start_libvirtd()
+        for v in running:  # libvirt may or may not re-report these ends to whoever is connected
+            if vmlib.job_info(v) is None:
+                self.away[v.name] += 1
+        self.actions["libvirtd restart"] += 1
+
+    def quiesce(self) -> None:
+        """Let every pull end, so that every outcome is in."""
+        for vm in self.vms:
+            if vmlib.domain_state(vm) is not None and vmlib.job_info(vm) is not None:
+                vmlib.set_bandwidth(vm, "vda", 0)
+        for vm in self.vms:
+            if vmlib.domain_state(vm) is not None:
+                vmlib.wait_no_job(vm, timeout=120)
+
+
+def compare(exporter: Exporter, witness: Counter, churn: Churn) -> tuple[list, list[str]]:
+    """Per outcome: (outcome, reported, ended unreported, ended while libvirtd was away, counted,
+    of which from events, inferred), and the domains whose figures cannot be explained.
+
+    Per domain, with A the jobs that ended while libvirtd was down: every reported and every
+    unreported end counted once, R + U <= counted <= R + U + A, and no event counted that libvirt
+    did not report, R - A <= from events <= R (A covers an end libvirt re-reported after its restart
+    to one observer and not the other)."""
+    scrape = exporter.scrape()
+    totals = {o: Counter() for o in OUTCOMES}
+    bad = []
+    for vm in churn.vms:
+        name = vm.name
+        mine = Counter()
+        for outcome in OUTCOMES:
+            counted = sum(scrape.series(f"libvirt_blockjob_{outcome}_total", domain=name).values())
+            inferred = sum(scrape.series("libvirt_blockjob_outcomes_inferred_total", domain=name,
+                                         outcome=outcome).values())
+            row = {"reported": witness[(name, outcome)], "unreported": churn.unreported[(name, outcome)],
+                   "counted": counted, "events": counted - inferred, "inferred": inferred}
+            totals[outcome].update(row)
+            mine.update(row)
+        away = churn.away[name]
+        if not (mine["reported"] + mine["unreported"] <= mine["counted"] <= mine["reported"] + mine["unreported"] + away
+                and mine["reported"] - away <= mine["events"] <= mine["reported"]):
+            bad.append(f"{name}: {dict(mine)}, ended while libvirtd was away {away}")
+    rows = [(o, t["reported"], t["unreported"], t["counted"], t["events"], t["inferred"]) for o, t in totals.items()]
+    return rows, bad
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.churn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--domains", type=int, default=6)
+    parser.add_argument("--libvirtd-restarts", type=int, default=3)
+    args = parser.parse_args(argv)
+    churn = Churn(args.seed, args.domains)
+    witness = Witness()
+    exporter = None
+    try:
+        churn.setup()
+        witness.start()
+        exporter = Exporter(poll_interval="1s")
+        deadline = time.monotonic() + args.minutes * 60
+        restarts = sorted(churn.rng.uniform(0.1, 0.9) * args.minutes * 60 for _ in range(args.libvirtd_restarts))
+        begun = time.monotonic()
+        while time.monotonic() < deadline:
+            if restarts and time.monotonic() - begun >= restarts[0]:
+                restarts.pop(0)
+                churn.restart_libvirtd(while_ending=churn.actions["libvirtd restart"] == 0)
+                exporter.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=60)
+                time.sleep(2)  # the witness resubscribes
+                continue
+            try:
+                churn.step()
+            except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
+                churn.actions["step error"] += 1
+                print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
+            time.sleep(churn.rng.uniform(0.2, 2.0))
+        churn.quiesce()
+        exporter.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=60)
+        time.sleep(5)  # the last events and inferences settle
+        rows, bad = compare(exporter, witness.counts(), churn)
+        print(f"churn: {args.minutes:g} min, seed {args.seed}, {len(churn.vms)} domains; actions: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(churn.actions.items()))
+              + f"; jobs that ended while libvirtd was away: {sum(churn.away.values())}")
+        print("| outcome | libvirt reported | ended unreported (destroy/kill) | exporter counted | "
+              "of which from events | inferred |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+        for line in bad:
+            print("MISMATCH " + line)
+        print("result: " + ("every outcome counted exactly once" if not bad else "MISMATCH"))
+        return 0 if not bad else 1
+    finally:
+        witness.stop()
+        if exporter is not None:
+            exporter.stop()
+        start_libvirtd()
+        churn.factory.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
