@@ -192,6 +192,11 @@ class Reader:
         else:
             self.omitted += 1
 
+    @property
+    def count(self) -> int:
+        """Problems found so far, kept or not."""
+        return len(self.problems) + self.omitted
+
     def warn(self, where: Node | int | None, message: str) -> None:
         self.warnings.append(str(Problem(self.path, self._line(where), message)))
 
