@@ -13,7 +13,7 @@ from datetime import date, datetime, time as dtime, timedelta
 
 from yaml.nodes import Node, ScalarNode
 
-from exporter.configfile import ABSENT, INT, STR, ConfigError, Problem, Reader, describe, is_null, load  # noqa: F401
+from exporter.configfile import ABSENT, INT, STR, ConfigError, Problem, Reader, describe, is_null, load, short  # noqa: F401
 from exporter.durations import format_duration  # noqa: F401 - the policy package's display helper
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime.weekday()
@@ -81,16 +81,8 @@ def glob_problem(pattern: str) -> str | None:
     return None
 
 
-_BANDWIDTH_UNITS = {
-    "B": 1,
-    "KB": 1000,
-    "kB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-    "KiB": 1024,
-    "MiB": 1024**2,
-    "GiB": 1024**3,
-}
+_BANDWIDTH_UNITS = {"B": 1, "KB": 1000, "kB": 1000, "MB": 1000**2, "GB": 1000**3,
+                    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 _BANDWIDTH_RE = re.compile(r"^(\d{1,20}(?:\.\d{1,20})?)\s*(B|KB|kB|MB|GB|KiB|MiB|GiB)/s$", re.ASCII)
 _MAX_BANDWIDTH = 2**63 - 1
 
@@ -109,14 +101,14 @@ def parse_bandwidth(value: int | str) -> int:
             m = _BANDWIDTH_RE.match(text)
             if m is None:
                 raise ValueError(
-                    f"bad bandwidth {value!r}: expected an integer (bytes/s) or a number with "
+                    f"bad bandwidth {short(value)}: expected an integer (bytes/s) or a number with "
                     "B/s, KB/s, MB/s, GB/s, KiB/s, MiB/s or GiB/s, e.g. 50MiB/s"
                 )
             result = round(float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2)])  # < 1e31: no overflow
     if result < 0:
-        raise ValueError(f"bad bandwidth {value!r}: must not be negative")
+        raise ValueError(f"bad bandwidth {short(str(value))}: must not be negative")
     if result > _MAX_BANDWIDTH:
-        raise ValueError(f"bad bandwidth {value!r}: too large")
+        raise ValueError(f"bad bandwidth {short(str(value))}: too large")
     return result
 
 
@@ -127,7 +119,7 @@ def parse_hhmm(text: str) -> int:
     """Minutes after midnight for ``HH:MM`` (00:00 .. 23:59)."""
     m = _TIME_RE.match(text.strip())
     if m is None:
-        raise ValueError(f"bad time {text[:40]!r}: expected HH:MM between 00:00 and 23:59")
+        raise ValueError(f"bad time {short(text)}: expected HH:MM between 00:00 and 23:59")
     return int(m.group(1)) * 60 + int(m.group(2))
 
 
@@ -311,10 +303,10 @@ def _rule(r: Reader, node: Node, index: int, seen: dict[str, int]):
             r.error(keys["name"], f"{where}.name: must not be empty")
             name = ABSENT
         elif name in seen:
-            r.error(keys["name"], f"{where}.name: duplicate rule name {name!r} (first at line {seen[name]})")
+            r.error(keys["name"], f"{where}.name: duplicate rule name {short(name)} (first at line {seen[name]})")
         elif name is not ABSENT:
             seen[name] = keys["name"].start_mark.line + 1
-            where = f"rule {name!r}"
+            where = f"rule {short(name)}"
     match = _match(r, keys.get("match"), where)
     when = _when(r, keys.get("when"), where)
     pull: object = ABSENT
@@ -338,7 +330,7 @@ def _glob(r: Reader, node: Node, where: str, empty_is_all: bool = False):
         return ABSENT
     problem = glob_problem(value)
     if problem:
-        r.error(node, f"{where}: bad glob {value!r}: {problem}")
+        r.error(node, f"{where}: bad glob {short(value)}: {problem}")
         return ABSENT
     return Glob(value)
 
@@ -462,7 +454,7 @@ def _days(r: Reader, node: Node, where: str):
             r.error(dnode, f"{where}: expected a day name (mon..sun), got {describe(dnode)}")
             ok = False
         elif dnode.value.strip().lower() not in DAYS:
-            r.error(dnode, f"{where}: bad day name {dnode.value[:40]!r}; expected one of {', '.join(DAYS)}")
+            r.error(dnode, f"{where}: bad day name {short(dnode.value)}; expected one of {', '.join(DAYS)}")
             ok = False
         else:
             out.add(DAYS.index(dnode.value.strip().lower()))
