@@ -73,13 +73,13 @@ def short(value: str) -> str:
     return repr(value if len(value) <= 40 else value[:37] + "...")
 
 
-def describe(node: Node) -> str:
+def describe(node: Node, echo: bool = True) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
     if isinstance(node, SequenceNode):
         return "a list"
     kind = _KIND.get(node.tag, f"a value tagged {node.tag}")
-    return kind if node.tag == NULL else f"{kind} ({short(node.value)})"
+    return kind if node.tag == NULL or not echo else f"{kind} ({short(node.value)})"
 
 
 def is_null(node: Node | None) -> bool:
@@ -171,6 +171,8 @@ def read_text(path: str, what: str) -> str:
 class Reader:
     """Walks a node tree collecting problems; each accessor returns ABSENT after reporting one."""
 
+    echo = True  # whether type errors quote the value (not where it may be a secret)
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.problems: list[Problem] = []
@@ -219,7 +221,7 @@ class Reader:
         if is_null(node):
             return []
         if not isinstance(node, MappingNode):
-            self.error(node, f"{where}: expected a mapping, got {describe(node)}")
+            self.error(node, f"{where}: expected a mapping, got {describe(node, self.echo)}")
             return None
         if merge:
             try:
@@ -235,7 +237,7 @@ class Reader:
                 if isinstance(knode, ScalarNode) and knode.tag == MERGE:
                     self.error(knode, f"{where}: merge keys ('<<') are not supported")
                 else:
-                    self.error(knode, f"{where}: keys must be strings, got {describe(knode)}")
+                    self.error(knode, f"{where}: keys must be strings, got {describe(knode, self.echo)}")
                 continue
             key = knode.value
             if key in first:
@@ -262,7 +264,7 @@ class Reader:
     def sequence(self, node: Node, where: str, expected: str, maximum: int) -> list[Node] | None:
         self.at = node
         if not isinstance(node, SequenceNode):
-            self.error(node, f"{where}: expected {expected}, got {describe(node)}")
+            self.error(node, f"{where}: expected {expected}, got {describe(node, self.echo)}")
             return None
         if len(node.value) > maximum:
             self.error(node, f"{where}: more than {maximum} items")
@@ -275,7 +277,7 @@ class Reader:
         """The constructed value of a scalar with one of ``tags``."""
         self.at = node
         if not isinstance(node, ScalarNode) or node.tag not in tags:
-            self.error(node, f"{where}: expected {expected}, got {describe(node)}")
+            self.error(node, f"{where}: expected {expected}, got {describe(node, self.echo)}")
             return ABSENT
         try:
             return self._ctor.construct_object(node, deep=True)
@@ -324,7 +326,7 @@ class Reader:
                        f"{node.value[:20]}s or {node.value[:20]}m")
             return ABSENT
         if not (isinstance(node, ScalarNode) and node.tag in tags):
-            self.error(node, f"{where}: expected a duration such as 30s or 1.5m, got {describe(node)}")
+            self.error(node, f"{where}: expected a duration such as 30s or 1.5m, got {describe(node, self.echo)}")
             return ABSENT
         try:
             return parse_duration(node.value, maximum)

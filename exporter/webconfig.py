@@ -157,8 +157,11 @@ class WebConfig:
 class _Reader(Reader):
     """The shared reader with Go's yaml.v2 leniencies: any scalar is a string, ``<<`` merges."""
 
+    echo = False  # a value in the wrong place may be a password or a key
     is_null = staticmethod(is_null)
-    describe = staticmethod(describe)
+
+    def describe(self, node: yaml.Node) -> str:
+        return describe(node, echo=False)
 
     def mapping(self, node: yaml.Node | None, name: str) -> list[tuple[str, yaml.Node, yaml.Node]] | None:
         return super().mapping(node, name, merge=True, any_scalar_key=True)
@@ -168,7 +171,7 @@ class _Reader(Reader):
         if is_null(node):
             return None
         if not isinstance(node, yaml.ScalarNode):
-            self.error(node, f"{name}: expected a string, got {describe(node)}")
+            self.error(node, f"{name}: expected a string, got {describe(node, False)}")
             return None
         return node.value
 
@@ -180,7 +183,7 @@ class _Reader(Reader):
         if is_null(node):
             return None
         if not isinstance(node, yaml.SequenceNode):
-            self.error(node, f"{name}: expected a list of strings, got {describe(node)}")
+            self.error(node, f"{name}: expected a list of strings, got {describe(node, False)}")
             return None
         out = []
         for item in node.value:

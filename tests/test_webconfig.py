@@ -441,3 +441,9 @@ def test_alias_bomb_is_refused(tmp_path):
     lines += [f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]" for i in range(8)]
     p = write(tmp_path, "\n".join(lines) + "\n")
     assert problems(p) == [f"{p}:5: YAML syntax error: more than 20000 values (an alias counts everything it repeats)"]
+
+
+def test_values_in_the_wrong_place_are_not_echoed(tmp_path):
+    p = write(tmp_path, "basic_auth_users: hunter2\nhttp_server_config:\n  http2: hunter3\n")
+    assert problems(p) == [f"{p}:1: basic_auth_users: expected a mapping, got a string",
+                           f"{p}:3: http_server_config.http2: expected true or false, got a string"]
