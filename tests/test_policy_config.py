@@ -435,11 +435,12 @@ def test_fractional_durations_as_for_flags():
          "p.yaml:3: limits.max_concurrent: cannot read value '9999999999999999999999999999999999999...': "
          "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; use "
          "sys.set_int_max_str_digits() to increase the limit"),
-        ("rules: []\nlimits:\n  max_concurrent: 1001\n", "p.yaml:3: limits.max_concurrent: must be an integer <= 1000, got '1001'"),
+        ("rules: []\nlimits:\n  max_concurrent: 1000001\n",
+         "p.yaml:3: limits.max_concurrent: must be an integer <= 1000000, got '1000001'"),
         ("rules: []\nlimits:\n  max_attempts: 99999999999999999999\n",
-         "p.yaml:3: limits.max_attempts: must be an integer <= 1000, got '99999999999999999999'"),
-        ("rules:\n  - name: a\n    when: {min_backing_depth: 1001}\n    action: {pull: {}}\n",
-         "p.yaml:3: rule 'a': when.min_backing_depth: must be an integer <= 1000, got '1001'"),
+         "p.yaml:3: limits.max_attempts: must be an integer <= 1000000, got '99999999999999999999'"),
+        ("rules:\n  - name: a\n    when: {min_backing_depth: 1000001}\n    action: {pull: {}}\n",
+         "p.yaml:3: rule 'a': when.min_backing_depth: must be an integer <= 1000000, got '1000001'"),
         ("rules: []\nlimits:\n  min_free_space_ratio: 1" + "0" * 400 + "\n",
          "p.yaml:3: limits.min_free_space_ratio: must be a number <= 100, got '1000000000000000000000000000000000000...'"),
         ("rules:\n  - name: a\n    action:\n      pull: {bandwidth: " + "1" * 400 + "GiB/s}\n",

@@ -232,7 +232,7 @@ class Policy:
 MAX_RULES = 1000
 MAX_WINDOWS = 100
 MAX_DAYS = 100  # entries of one window's day list (repeats allowed)
-MAX_COUNT = 1000  # max_concurrent, max_attempts, min_backing_depth
+MAX_COUNT = 1_000_000  # max_concurrent, max_attempts, min_backing_depth (a big one means "no limit")
 MAX_RETRY_AFTER = 365 * 86400.0
 MAX_RATIO = 100.0
 MAX_TEXT = 4096  # characters of a rule name or a glob
