@@ -1,12 +1,9 @@
 """The one loader of our YAML files: the policy, the web config and the alert thresholds.
 
-Why a hand loader over PyYAML's node tree rather than pydantic models: every message needs the
-line, which a node carries and a validated dict does not (pydantic would need a second map from
-error locations back to nodes); the files depend on YAML tags that a loaded dict has lost
-(unquoted ``22:30`` is a YAML 1.1 base-60 integer but means a time, ``name: 7`` is an integer
-where a string is wanted, Go's yaml.v2 reads any scalar as a string); and the messages users
-and tests rely on would need a translation table for pydantic's own. The typed accessors below
-are all the validation library the three files need.
+It is hand-written over PyYAML's node tree rather than pydantic models because every message
+needs a line, which a node carries and a validated dict does not, and because the files depend on
+YAML tags a loaded dict has lost (unquoted ``22:30`` is a base-60 integer but means a time); see
+docs/policy.md#errors.
 
 Bounds, each reported as ``FILE:LINE: message`` (``FILE: message`` for the file as a whole),
 never as a traceback: at most ``MAX_BYTES`` are read, nesting deeper than ``MAX_DEPTH`` and more
@@ -316,7 +313,7 @@ class Reader:
             return ABSENT
         return value
 
-    def duration(self, node: Node, where: str, maximum: float, tags: tuple[str, ...] = (STR,)):
+    def duration(self, node: Node, where: str, maximum: float):
         """Seconds; the integer 0 is a duration too, any other bare number lacks its unit."""
         self.at = node
         if isinstance(node, ScalarNode) and node.tag == INT:
@@ -325,7 +322,7 @@ class Reader:
             self.error(node, f"{where}: duration {short(node.value)} needs a unit, e.g. "
                        f"{node.value[:20]}s or {node.value[:20]}m")
             return ABSENT
-        if not (isinstance(node, ScalarNode) and node.tag in tags):
+        if not (isinstance(node, ScalarNode) and node.tag == STR):
             self.error(node, f"{where}: expected a duration such as 30s or 1.5m, got {describe(node, self.echo)}")
             return ABSENT
         try:
