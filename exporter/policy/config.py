@@ -57,27 +57,19 @@ class Glob:
 MATCH_ALL = Glob("*")
 
 
+# A bracket expression as fnmatch.translate reads it: '!' and a first ']' belong to it.
+_BRACKET = re.compile(r"\[!?+\]?+[^\]]*+\]|\[")
+
+
 def glob_problem(pattern: str) -> str | None:
     """Why ``pattern`` is not a usable glob, or None.
 
     fnmatch silently treats an unclosed ``[`` as a literal, which is almost always a typo in a
-    policy, so it is rejected here. The scan mirrors ``fnmatch.translate``.
+    policy, so it is rejected here.
     """
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        i += 1
-        if c == "[":
-            j = i
-            if j < n and pattern[j] == "!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j >= n:
-                return f"unbalanced '[' at position {i}"
-            i = j + 1
+    for m in _BRACKET.finditer(pattern):
+        if m.group() == "[":
+            return f"unbalanced '[' at position {m.start() + 1}"
     return None
 
 
