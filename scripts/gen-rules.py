@@ -16,6 +16,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import yaml
@@ -90,7 +91,7 @@ def _check(r: Reader, kind: str, node: yaml.Node, name: str) -> Any:
 
 
 def _walk(r: Reader, node: yaml.Node | None, spec: Mapping[str, Any], prefix: tuple[str, ...],
-          overridden: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+          overridden: Mapping[tuple[str, ...], Any]) -> Mapping[str, Any]:
     pairs = r.mapping(node, ".".join(prefix) or "thresholds", tuple(spec))
     given = {k: v for k, _, v in pairs or ()}
     out: dict[str, Any] = {}
@@ -105,7 +106,7 @@ def _walk(r: Reader, node: yaml.Node | None, spec: Mapping[str, Any], prefix: tu
                 r.error(node, f"missing key {'.'.join(path)}")
         else:
             out[key] = _check(r, kind, given[key], ".".join(path))
-    return out
+    return MappingProxyType(out)  # frozen, like every config result
 
 
 class _OverrideReader(Reader):
@@ -125,7 +126,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
 
 
 def load_thresholds(path: Path = DEFAULT_THRESHOLDS,
-                    overrides: Mapping[tuple[str, ...], Any] | None = None) -> dict[str, Any]:
+                    overrides: Mapping[tuple[str, ...], Any] | None = None) -> Mapping[str, Any]:
     """Reads and validates the thresholds; overrides ((section, key) -> value or YAML node) replace file values."""
     problems: list[str] = []
     overridden: dict[tuple[str, ...], Any] = {}

@@ -218,6 +218,8 @@ def test_thresholds_use_the_one_duration_grammar_and_render_prometheus_durations
     t = gen_rules.load_thresholds(THRESHOLDS, {("stalled", "after"): "1.5m", ("failed", "window"): "0.5h"})
     assert t["stalled"]["after"] == "1m30s" and t["failed"]["window"] == "30m"
     assert gen_rules.load_thresholds(THRESHOLDS) == gen_rules.load_thresholds(THRESHOLDS, {})
+    with pytest.raises(TypeError):
+        t["stalled"]["after"] = "1s"  # frozen
 
 
 @pytest.mark.parametrize("text,expected", [
