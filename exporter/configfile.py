@@ -5,11 +5,9 @@ needs a line, which a node carries and a validated dict does not, and because th
 YAML tags a loaded dict has lost (unquoted ``22:30`` is a base-60 integer but means a time); see
 docs/policy.md#errors.
 
-Bounds, each reported as ``FILE:LINE: message`` (``FILE: message`` for the file as a whole),
-never as a traceback: at most ``MAX_BYTES`` are read, nesting deeper than ``MAX_DEPTH`` and more
-than ``MAX_NODES`` values (an alias counts its whole subtree at every use, so alias bombs stop
-early) end composition, only the first ``MAX_PROBLEMS`` problems are kept, and any exception
-raised while reading a value becomes a problem on that value's line.
+Bounds, each a ``FILE:LINE: message`` and never a traceback: MAX_BYTES read at most, MAX_DEPTH
+levels, MAX_NODES values (an alias counts its whole subtree at every use), the first MAX_PROBLEMS
+problems; an exception while reading a value becomes a problem on that value's line.
 """
 
 from __future__ import annotations
@@ -144,8 +142,6 @@ def compose(text: str, path: str) -> Node | None:
         return loader.get_single_node()
     except yaml.YAMLError as e:
         raise ConfigError([_syntax_problem(path, text, e)]) from None
-    except RecursionError:  # pragma: no cover - MAX_DEPTH stops nesting long before
-        raise ConfigError([Problem(path, None, "YAML syntax error: nested too deeply")]) from None
     finally:
         loader.dispose()
 

@@ -1,11 +1,8 @@
 """The one duration grammar of flags, the policy, the web config and the alert thresholds.
 
-A duration is ``0`` or numbers with units from largest to smallest, each unit at most once:
-``y w d h m s ms us ns`` (``µs`` too), a number may have a fraction: ``500ms``, ``1.5m``,
-``1h30m``, ``100ms``. That reads every Prometheus duration and every Go duration that anyone
-writes in a web config (Go also takes ``1s1m``; nobody does). Every caller gives an upper bound:
-an unbounded duration once killed the poller thread (``--poll.interval 1000y``) and overflowed
-in the policy loader (10^400 years).
+``0``, or numbers (fractions allowed) with units from largest to smallest, each at most once:
+``y w d h m s ms us ns``: every Prometheus duration and every Go duration people write. Every
+caller gives an upper bound: ``--poll.interval 1000y`` once killed the poller thread.
 """
 
 from __future__ import annotations
