@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import threading
+import urllib.parse
 from typing import Sequence
 
 from . import __version__
@@ -27,38 +28,64 @@ DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def _duration_flag(minimum: float):
-    def parse(text: str) -> float:
+MAX_FLAG_CHARS = 4096  # any flag value; a path or URL is far shorter
+
+
+def _bounded(check):
+    """A flag type: ``check(text)`` after the length bound, its ValueError an argparse error (exit 2)."""
+    def parse(text: str):
+        if len(text) > MAX_FLAG_CHARS:
+            raise argparse.ArgumentTypeError(f"longer than {MAX_FLAG_CHARS} characters")
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise argparse.ArgumentTypeError(f"{text!r} contains a control character")
         try:
-            seconds = parse_duration(text)
+            return check(text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
-        if seconds < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is below the minimum of {minimum:g}s")
-        return seconds
     return parse
 
 
+def _duration_flag(minimum: float, maximum: float):
+    def duration(text: str) -> float:
+        seconds = parse_duration(text, maximum)
+        if seconds < minimum:
+            raise ValueError(f"{text!r} is below the minimum of {minimum:g}s")
+        return seconds
+    return _bounded(duration)
+
+
+@_bounded
 def _uri_flag(text: str) -> str:
     if not _URI.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a libvirt URI (e.g. qemu:///system)")
+        raise ValueError(f"{text!r} is not a libvirt URI (e.g. qemu:///system)")
     return text
 
 
+@_bounded
 def _listen_flag(text: str) -> str:
     from .web import parse_listen_address
 
-    try:
-        parse_listen_address(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    parse_listen_address(text)
     return text
 
 
+@_bounded
 def _telemetry_path_flag(text: str) -> str:
-    if not text.startswith("/") or text == "/":
-        raise argparse.ArgumentTypeError(f"{text!r} must start with / and not be / (the landing page)")
+    if not text.startswith("/") or text == "/" or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} must start with /, not be / (the landing page) and hold no spaces")
     return text
+
+
+@_bounded
+def _url_flag(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)  # ValueError for a bad IPv6 literal
+    parts.port  # ValueError for a port that is not a number from 0 to 65535
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} must be an http(s) URL")
+    return text
+
+
+_path_flag = _bounded(lambda text: text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,27 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
                         type=_listen_flag, help=f"address to serve metrics on (default {DEFAULT_LISTEN_ADDRESS})")
     parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
                         type=_telemetry_path_flag, help="path under which to expose metrics (default /metrics)")
-    parser.add_argument("--web.config.file", dest="web_config_file", default=None,
+    parser.add_argument("--web.config.file", dest="web_config_file", default=None, type=_path_flag,
                         help="exporter-toolkit web config file enabling TLS and/or basic auth")
-    parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.05),
+    parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.05, 3600),
                         help="how often to poll blockJobInfo for every disk (default 1s)")
     parser.add_argument("--inventory.refresh-interval", dest="inventory_interval", default=30.0,
-                        type=_duration_flag(1.0),
+                        type=_duration_flag(1.0, 86400),
                         help="full re-read of domains and backing chains, besides event-driven refreshes (default 30s)")
-    parser.add_argument("--state.file", dest="state_file", default=DEFAULT_STATE_FILE,
+    parser.add_argument("--state.file", dest="state_file", default=DEFAULT_STATE_FILE, type=_path_flag,
                         help="where the jobs being tracked are kept across restarts, so that a job that ends while "
                              f"the exporter is down is still counted; '' keeps nothing (default {DEFAULT_STATE_FILE})")
-    parser.add_argument("--state.retention", dest="state_retention", default=3600.0, type=_duration_flag(1.0),
+    parser.add_argument("--state.retention", dest="state_retention", default=3600.0,
+                        type=_duration_flag(1.0, 30 * 86400),
                         help="how long the series of a domain that is gone are kept; a domain back within it keeps "
                              "its counters (default 1h)")
-    parser.add_argument("--policy.file", dest="policy_file", default=None,
+    parser.add_argument("--policy.file", dest="policy_file", default=None, type=_path_flag,
                         help="YAML policy that starts block pulls (dry run unless --policy.enforce)")
     parser.add_argument("--policy.enforce", dest="policy_enforce", action="store_true",
                         help="let the policy start pulls (opens a read-write libvirt connection)")
-    parser.add_argument("--alertmanager.url", dest="alertmanager_url", default=None,
+    parser.add_argument("--alertmanager.url", dest="alertmanager_url", default=None, type=_url_flag,
                         help="also post block-job failures straight to this Alertmanager (v2 API)")
     parser.add_argument("--alertmanager.resolve-after", dest="alertmanager_resolve_after", default=300.0,
-                        type=_duration_flag(1.0), help="direct alerts resolve themselves after this (default 5m)")
+                        type=_duration_flag(1.0, 7 * 86400), help="direct alerts resolve themselves after this (default 5m)")
     parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS)
     parser.add_argument("--log.format", dest="log_format", default="text", choices=("text", "json"))
     parser.add_argument("--version", action="version", version=f"libvirt-blockjob-exporter {__version__}")
@@ -110,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.policy_enforce and not args.policy_file:
         build_parser().error("--policy.enforce needs --policy.file")
-    if args.alertmanager_url and not re.match(r"^https?://[^/\s]+", args.alertmanager_url):
-        build_parser().error(f"--alertmanager.url {args.alertmanager_url!r} must be an http(s) URL")
     setup_logging(args.log_level, args.log_format)
     return run_exporter(args)
 
@@ -257,9 +283,9 @@ def policy_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="libvirt-blockjob-exporter policy")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a policy file; exit 0 if valid, 1 with every error")
-    check.add_argument("file")
+    check.add_argument("file", type=_path_flag)
     plan = sub.add_parser("plan", help="what the policy would decide now on this host")
-    plan.add_argument("--policy.file", dest="policy_file", required=True)
+    plan.add_argument("--policy.file", dest="policy_file", required=True, type=_path_flag)
     plan.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag)
     args = parser.parse_args(list(argv))
     if args.command == "check":

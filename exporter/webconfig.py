@@ -24,7 +24,6 @@ directory of the config file, as exporter-toolkit does. Secrets are never echoed
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import logging
 import os
@@ -32,9 +31,11 @@ import re
 import ssl
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
+
+from .configfile import ABSENT, ConfigError, Reader, describe, is_null, load
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,8 @@ HEADERS: Mapping[str, tuple[str, ...]] = {
 
 # What golang.org/x/crypto/bcrypt and Python's bcrypt both verify.
 _BCRYPT_RE = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
-_GO_DURATION_RE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h)")
-_GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
-                      "m": 60.0, "h": 3600.0}
+MAX_RATE_INTERVAL = 86400.0
+MAX_BURST = 1_000_000
 
 
 class WebConfigError(Exception):
@@ -154,116 +154,45 @@ class WebConfig:
 # --------------------------------------------------------------------------- loading
 
 
-class _Reader:
-    """Walks the composed YAML node tree so every value keeps its line number."""
+class _Reader(Reader):
+    """The shared reader with Go's yaml.v2 leniencies: any scalar is a string, ``<<`` merges."""
 
-    def __init__(self, path: str, loader: yaml.SafeLoader) -> None:
-        self.path = path
-        self.loader = loader
-        self.problems: list[str] = []
-        self.warnings: list[str] = []
+    echo = False  # a value in the wrong place may be a password or a key
+    is_null = staticmethod(is_null)
 
-    # -- reporting
-
-    def _at(self, where: yaml.Node | int | None) -> str:
-        if isinstance(where, yaml.Node):
-            return f"{self.path}:{where.start_mark.line + 1}"
-        if isinstance(where, int):
-            return f"{self.path}:{where}"
-        return self.path
-
-    def error(self, where: yaml.Node | int | None, msg: str) -> None:
-        self.problems.append(f"{self._at(where)}: {msg}")
-
-    def warn(self, where: yaml.Node | int | None, msg: str) -> None:
-        self.warnings.append(f"{self._at(where)}: {msg}")
-
-    # -- typed access
-
-    @staticmethod
-    def is_null(node: yaml.Node | None) -> bool:
-        return node is None or (isinstance(node, yaml.ScalarNode)
-                                and node.tag == "tag:yaml.org,2002:null")
-
-    @staticmethod
-    def describe(node: yaml.Node) -> str:
-        if isinstance(node, yaml.MappingNode):
-            return "a mapping"
-        if isinstance(node, yaml.SequenceNode):
-            return "a list"
-        kind = node.tag.rsplit(":", 1)[-1]
-        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
-                "null": "null"}.get(kind, kind)
+    def describe(self, node: yaml.Node) -> str:
+        return describe(node, echo=False)
 
     def mapping(self, node: yaml.Node | None, name: str) -> list[tuple[str, yaml.Node, yaml.Node]] | None:
-        """(key, key node, value node) triples; None when ``node`` is not a mapping."""
-        if self.is_null(node):
-            return []
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"{name}: expected a mapping, got {self.describe(node)}")
-            return None
-        try:
-            self.loader.flatten_mapping(node)  # resolves '<<' merge keys
-        except yaml.MarkedYAMLError as e:
-            self.error((e.problem_mark.line + 1) if e.problem_mark else node, f"{name}: {e.problem}")
-            return None
-        out: list[tuple[str, yaml.Node, yaml.Node]] = []
-        seen: dict[str, int] = {}
-        for knode, vnode in node.value:
-            if not isinstance(knode, yaml.ScalarNode) or self.is_null(knode):
-                self.error(knode, f"{name}: keys must be strings, got {self.describe(knode)}")
-                continue
-            key = knode.value
-            if key in seen:
-                self.error(knode, f"{name}: duplicate key {key!r} (first at line {seen[key]})")
-                continue
-            seen[key] = knode.start_mark.line + 1
-            out.append((key, knode, vnode))
-        return out
+        return super().mapping(node, name, merge=True, any_scalar_key=True)
 
     def string(self, node: yaml.Node, name: str) -> str | None:
         """Any scalar as written (Go's yaml.v2 also takes ``0`` for a string); None when null."""
-        if self.is_null(node):
+        if is_null(node):
             return None
         if not isinstance(node, yaml.ScalarNode):
-            self.error(node, f"{name}: expected a string, got {self.describe(node)}")
+            self.error(node, f"{name}: expected a string, got {describe(node, False)}")
             return None
         return node.value
 
     def boolean(self, node: yaml.Node, name: str) -> bool | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
-            return bool(self.loader.construct_object(node))
-        self.error(node, f"{name}: expected true or false, got {self.describe(node)}"
-                   + (f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""))
-        return None
-
-    def integer(self, node: yaml.Node, name: str) -> int | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int":
-            return int(self.loader.construct_object(node))
-        self.error(node, f"{name}: expected an integer, got {self.describe(node)}"
-                   + (f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""))
-        return None
+        value = super().boolean(node, name)
+        return None if value is ABSENT else value
 
     def string_list(self, node: yaml.Node, name: str) -> list[tuple[str, yaml.Node]] | None:
-        if self.is_null(node):
+        if is_null(node):
             return None
         if not isinstance(node, yaml.SequenceNode):
-            self.error(node, f"{name}: expected a list of strings, got {self.describe(node)}")
+            self.error(node, f"{name}: expected a list of strings, got {describe(node, False)}")
             return None
         out = []
         for item in node.value:
             s = self.string(item, f"{name} item")
             if s is not None:
                 out.append((s, item))
-            elif self.is_null(item):
+            elif is_null(item):
                 self.error(item, f"{name}: empty list item")
         return out
-
-    def unknown_key(self, knode: yaml.Node, key: str, section: str, allowed: Iterable[str]) -> None:
-        hint = difflib.get_close_matches(key, list(allowed), n=1)
-        self.error(knode, f"unknown key {key!r} in {section}"
-                   + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                   + f"; allowed: {', '.join(allowed)}")
 
 
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
@@ -273,41 +202,14 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     the line that named it, not on the first scrape.
     """
     spath = os.fspath(path)
+    base = os.path.dirname(os.path.abspath(spath))
     try:
-        with open(spath, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise WebConfigError([f"{spath}: cannot read web config: {e.strerror or e}"]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise WebConfigError([f"{spath}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
-
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{spath}:{mark.line + 1}" if mark else spath
-        raise WebConfigError([f"{where}: invalid YAML: {e.problem or e.context}"]) from None
-    except yaml.YAMLError as e:
-        raise WebConfigError([f"{spath}: invalid YAML: {e}"]) from None
-    try:
-        r = _Reader(spath, loader)
-        base = os.path.dirname(os.path.abspath(spath))
-        cfg = _read_root(r, root, base)
-    finally:
-        loader.dispose()
-    if r.problems:
-        raise WebConfigError(sorted(r.problems, key=_line_of))
+        cfg, r = load(spath, "web config", lambda r, root: _read_root(r, root, base), reader=_Reader(spath))
+    except ConfigError as e:
+        raise WebConfigError([str(p) for p in e.problems]) from None
     for w in r.warnings:
         log.warning("web config: %s", w)
     return cfg
-
-
-def _line_of(problem: str) -> int:
-    m = re.match(r".*?:(\d+): ", problem)
-    return int(m.group(1)) if m else 0
 
 
 _TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit")
@@ -318,7 +220,7 @@ def _read_root(r: _Reader, root: yaml.Node | None, base: str) -> WebConfig:
     sections: dict[str, tuple[yaml.Node, yaml.Node]] = {}
     for key, knode, vnode in pairs or []:
         if key not in _TOP_KEYS:
-            r.unknown_key(knode, key, "the web config", _TOP_KEYS)
+            r.unknown_key(knode, key, "web config", _TOP_KEYS)
         else:
             sections[key] = (knode, vnode)
 
@@ -353,7 +255,7 @@ def _read_tls(r: _Reader, section_knode: yaml.Node, node: yaml.Node, base: str) 
         return None
     v: dict[str, Any] = {}
     at: dict[str, yaml.Node] = {}  # key -> key node, for messages about the key as a whole
-    n_problems = len(r.problems)
+    n_problems = r.count
 
     for key, knode, vnode in pairs:
         name = f"tls_server_config.{key}"
@@ -421,7 +323,7 @@ def _read_tls(r: _Reader, section_knode: yaml.Node, node: yaml.Node, base: str) 
     enabled = any(k in v for k in ("cert", "key", "client_ca", "cert_file", "key_file",
                                    "client_ca_file", "client_auth_type"))
     if not enabled:
-        if pairs and len(r.problems) == n_problems:
+        if pairs and r.count == n_problems:
             r.warn(section_knode, "tls_server_config has no certificate, key, client CA or "
                    "client_auth_type, so TLS stays off and its other settings are ignored")
         return None
@@ -482,7 +384,7 @@ def _read_tls(r: _Reader, section_knode: yaml.Node, node: yaml.Node, base: str) 
         r.warn(at.get("min_version"), f"tls_server_config.min_version {cfg.min_version}: "
                "OpenSSL's default security level may still refuse TLS below 1.2")
 
-    if len(r.problems) == n_problems:
+    if r.count == n_problems:
         # Load the files now so a bad certificate is reported with its line.
         def problem(key: str, msg: str) -> None:
             r.error(at.get(key) or section_knode, msg)
@@ -560,67 +462,22 @@ def _read_users(r: _Reader, node: yaml.Node) -> tuple[tuple[str, str], ...]:
 _RATE_KEYS = ("interval", "burst")
 
 
-def _parse_go_duration(s: str) -> float | None:
-    """Seconds for a Go ``time.ParseDuration`` string, or None if it is not one."""
-    t = s.strip()
-    sign = 1.0
-    if t[:1] in "+-" and t:
-        sign = -1.0 if t[0] == "-" else 1.0
-        t = t[1:]
-    if t == "0":
-        return 0.0
-    if not t:
-        return None
-    pos, total = 0, 0.0
-    for m in _GO_DURATION_RE.finditer(t):
-        if m.start() != pos:
-            return None
-        tok = m.group(0)
-        unit = re.search(r"[a-zµμ]+$", tok).group(0)  # type: ignore[union-attr]
-        total += float(tok[: -len(unit)]) * _GO_DURATION_UNITS[unit]
-        pos = m.end()
-    if pos != len(t):
-        return None
-    return sign * total
-
-
 def _read_rate_limit(r: _Reader, node: yaml.Node) -> RateLimitConfig | None:
     pairs = r.mapping(node, "rate_limit")
     if pairs is None:
         return None
-    interval, burst = 0.0, 0
+    interval: Any = 0.0
+    burst: Any = 0
     at: dict[str, yaml.Node] = {}
-    ok = True
     for key, knode, vnode in pairs:
         at[key] = vnode
-        if key == "interval":
-            if isinstance(vnode, yaml.ScalarNode) and vnode.tag == "tag:yaml.org,2002:int" \
-                    and vnode.value == "0":
-                interval = 0.0
-                continue
-            s = r.string(vnode, "rate_limit.interval")
-            d = _parse_go_duration(s) if s is not None else None
-            if d is None:
-                ok = False
-                if s is not None:
-                    r.error(vnode, f"rate_limit.interval: {s!r} is not a duration such as 100ms or 1s")
-            elif d < 0:
-                ok = False
-                r.error(vnode, "rate_limit.interval: must not be negative")
-            else:
-                interval = d
+        if key == "interval":  # Go's time.Duration, in our one grammar (a superset)
+            interval = r.duration(vnode, "rate_limit.interval", MAX_RATE_INTERVAL)
         elif key == "burst":
-            b = r.integer(vnode, "rate_limit.burst")
-            if b is None:
-                ok = False
-            elif b < 0:
-                ok = False
-                r.error(vnode, "rate_limit.burst: must not be negative")
-            else:
-                burst = b
+            burst = r.integer(vnode, "rate_limit.burst", 0, MAX_BURST)
         else:
             r.unknown_key(knode, key, "rate_limit", _RATE_KEYS)
-    if not ok or interval == 0:
+    if ABSENT in (interval, burst) or interval == 0:
         return None  # 0 disables the limiter, as in exporter-toolkit
     if burst < 1:
         r.error(at.get("burst") or node, "rate_limit.burst: must be at least 1 when interval is "

@@ -13,15 +13,19 @@ tests/test_rules.py fails while the committed alerts.yml differs from what this 
 from __future__ import annotations
 
 import argparse
-import copy
 import re
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the exporter's own loader and duration grammar, also without installing it
+from exporter.configfile import ABSENT, ConfigError, Reader, compose, load  # noqa: E402
+from exporter.durations import format_duration, parse_duration  # noqa: E402
+
 DEFAULT_THRESHOLDS = REPO / "config" / "prometheus" / "thresholds.yml"
 DEFAULT_OUTPUT = REPO / "config" / "prometheus" / "alerts.yml"
 
@@ -40,10 +44,11 @@ SCHEMA: dict[str, Any] = {
     "policy_reload_failed": {"for": "duration", "severity": "severity"},
 }
 
-_DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
-_DURATION_UNITS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 _MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*'
 _SELECTOR = re.compile(rf"^{_MATCHER}(?:,{_MATCHER})*,?\s*$")
+MAX_DURATION = 365 * 86400.0
+MAX_COUNT = 1000
+MAX_TEXT = 1000
 
 
 class ThresholdError(ValueError):
@@ -55,118 +60,93 @@ class ThresholdError(ValueError):
 
 
 def duration_seconds(text: str) -> float:
-    match = _DURATION.match(text)
-    if not text or not match or not any(match.groups()):
-        raise ValueError(f"not a Prometheus duration: {text!r}")
-    return sum(int(g) * unit for g, unit in zip(match.groups(), _DURATION_UNITS) if g)
+    return parse_duration(text, MAX_DURATION)
 
 
-def _check_value(kind: str, value: Any) -> str | None:
-    """Returns a problem description, or None if value is fine for kind."""
+def _check(r: Reader, kind: str, node: yaml.Node, name: str) -> Any:
+    """The checked value (durations in canonical Prometheus form), or ABSENT after reporting."""
     if kind == "duration":
-        if not isinstance(value, str):
-            return f"expected a duration such as 5m, got {value!r}"
-        try:
-            duration_seconds(value)
-        except ValueError as exc:
-            return str(exc)
-    elif kind == "severity":
-        if value not in ("warning", "critical"):
-            return f'expected "warning" or "critical", got {value!r}'
-    elif kind in ("count0", "count1"):
-        least = 0 if kind == "count0" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            return f"expected an integer >= {least}, got {value!r}"
-    elif kind == "selector":
-        if not isinstance(value, str) or not _SELECTOR.match(value):
-            return f'expected PromQL label matchers such as job=~"libvirt-blockjob.*", got {value!r}'
-    elif kind == "url":
-        if not isinstance(value, str) or not re.match(r"^https?://\S+$", value) or "#" in value:
-            return f"expected an http(s) URL without #fragment, got {value!r}"
-    return None
+        seconds = r.duration(node, name, MAX_DURATION)
+        if seconds is not ABSENT and abs(seconds * 1000 - round(seconds * 1000)) > 1e-6:
+            r.error(node, f"{name}: Prometheus durations are whole milliseconds, got {node.value!r}")
+            return ABSENT
+        return seconds if seconds is ABSENT else format_duration(seconds, precise=True)
+    if kind in ("count0", "count1"):
+        return r.integer(node, name, 0 if kind == "count0" else 1, MAX_COUNT)
+    value = r.string(node, name)
+    if value is ABSENT:
+        return ABSENT
+    if len(value) > MAX_TEXT:
+        problem = f"longer than {MAX_TEXT} characters"
+    elif kind == "severity" and value not in ("warning", "critical"):
+        problem = f'expected "warning" or "critical", got {value!r}'
+    elif kind == "selector" and not _SELECTOR.match(value):
+        problem = f'expected PromQL label matchers such as job=~"libvirt-blockjob.*", got {value!r}'
+    elif kind == "url" and (not re.match(r"^https?://\S+$", value) or "#" in value):
+        problem = f"expected an http(s) URL without #fragment, got {value!r}"
+    else:
+        return value
+    r.error(node, f"{name}: {problem}")
+    return ABSENT
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """Maps key paths to 1-based line numbers, so problems can name the line."""
-    lines: dict[tuple[str, ...], int] = {}
+def _walk(r: Reader, node: yaml.Node | None, spec: Mapping[str, Any], prefix: tuple[str, ...],
+          overridden: Mapping[tuple[str, ...], Any]) -> Mapping[str, Any]:
+    pairs = r.mapping(node, ".".join(prefix) or "thresholds", tuple(spec))
+    given = {k: v for k, _, v in pairs or ()}
+    out: dict[str, Any] = {}
+    for key, kind in spec.items():
+        path = prefix + (key,)
+        if isinstance(kind, dict):
+            out[key] = _walk(r, given.get(key), kind, path, overridden)
+        elif path in overridden:
+            out[key] = overridden[path]
+        elif key not in given:
+            if pairs is not None:
+                r.error(node, f"missing key {'.'.join(path)}")
+        else:
+            out[key] = _check(r, kind, given[key], ".".join(path))
+    return MappingProxyType(out)  # frozen, like every config result
 
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = path + (str(key.value),)
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
 
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
+class _OverrideReader(Reader):
+    def _line(self, where):  # an override has no line
+        return None
 
 
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
-    """`stalled.after=5s` -> (("stalled", "after"), "5s"); the value is read as YAML."""
+    """`stalled.after=5s` -> (("stalled", "after"), its YAML node)."""
     if "=" not in text:
         raise ThresholdError([f"--set {text}: expected KEY=VALUE such as stalled.after=5s"])
     key, _, raw = text.partition("=")
-    return tuple(key.strip().split(".")), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return tuple(key.strip().split(".")), compose(raw if raw.strip() else "''", f"--set {text}")
+    except ConfigError as e:
+        raise ThresholdError([str(p) for p in e.problems]) from None
 
 
 def load_thresholds(path: Path = DEFAULT_THRESHOLDS,
-                    overrides: Mapping[tuple[str, ...], Any] | None = None) -> dict[str, Any]:
-    """Reads and validates the thresholds; overrides ((section, key) -> value) replace file values."""
-    text = Path(path).read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ThresholdError([f"{path}: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise ThresholdError([f"{path}:1: expected a mapping of sections"])
-    lines = _line_index(text)
-    data = copy.deepcopy(data)
-    origin: dict[tuple[str, ...], str] = {}
+                    overrides: Mapping[tuple[str, ...], Any] | None = None) -> Mapping[str, Any]:
+    """Reads and validates the thresholds; overrides ((section, key) -> value or YAML node) replace file values."""
     problems: list[str] = []
+    overridden: dict[tuple[str, ...], Any] = {}
     for key_path, value in (overrides or {}).items():
         key_path = tuple(key_path)
+        name = ".".join(key_path)
         spec: Any = SCHEMA
         for part in key_path:
             spec = spec.get(part) if isinstance(spec, dict) else None
         if spec is None or isinstance(spec, dict):
-            problems.append(f"override {'.'.join(key_path)}: unknown key")
+            problems.append(f"override {name}: unknown key")
             continue
-        target = data
-        for part in key_path[:-1]:
-            target = target.setdefault(part, {})
-        target[key_path[-1]] = value
-        origin[key_path] = f"override {'.'.join(key_path)}"
-
-    def where(key_path: tuple[str, ...]) -> str:
-        if key_path in origin:
-            return origin[key_path]
-        line = lines.get(key_path) or lines.get(key_path[:-1])
-        return f"{path}:{line}" if line else str(path)
-
-    def check(spec: Mapping[str, Any], values: Any, prefix: tuple[str, ...]) -> None:
-        if not isinstance(values, dict):
-            problems.append(f"{where(prefix)}: {'.'.join(prefix)}: expected a mapping")
-            return
-        for key in values:
-            if key not in spec:
-                problems.append(f"{where(prefix + (str(key),))}: unknown key {'.'.join(prefix + (str(key),))}")
-        for key, kind in spec.items():
-            key_path = prefix + (key,)
-            if key not in values:
-                problems.append(f"{where(prefix)}: missing key {'.'.join(key_path)}")
-            elif isinstance(kind, dict):
-                check(kind, values[key], key_path)
-            else:
-                problem = _check_value(kind, values[key])
-                if problem:
-                    problems.append(f"{where(key_path)}: {'.'.join(key_path)}: {problem}")
-
-    check(SCHEMA, data, ())
+        r = _OverrideReader(f"override {name}")
+        node = value if isinstance(value, yaml.Node) else compose(yaml.safe_dump(value), r.path)
+        overridden[key_path] = _check(r, spec, node, name)
+        problems += [str(p) for p in r.final_problems()]
+    try:
+        data = load(str(path), "thresholds file", lambda r, root: _walk(r, root, SCHEMA, (), overridden))[0]
+    except ConfigError as e:
+        problems += [str(p) for p in e.problems]
     if problems:
         raise ThresholdError(problems)
     return data

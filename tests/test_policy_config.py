@@ -15,7 +15,6 @@ from exporter.policy.config import (
     glob_problem,
     load_policy,
     parse_bandwidth,
-    parse_duration,
     parse_policy,
 )
 
@@ -197,21 +196,6 @@ def test_bandwidth_units(text, expected):
 def test_bad_bandwidth(text):
     with pytest.raises(ValueError):
         parse_bandwidth(text)
-
-
-@pytest.mark.parametrize(
-    "text,seconds",
-    [("30s", 30), ("5m", 300), ("1h", 3600), ("1d", 86400), ("1h30m", 5400), ("1w", 604800),
-     ("500ms", 0.5), ("0", 0), ("0s", 0), ("2d12h", 216000)],
-)
-def test_durations(text, seconds):
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["1x", "h", "30", "1m1h", "1.5h", "", "-1h", "1 h"])
-def test_bad_durations(text):
-    with pytest.raises(ValueError):
-        parse_duration(text)
 
 
 @pytest.mark.parametrize("pattern", ["vd[a", "[", "x[!]", "a[]"])
@@ -427,3 +411,107 @@ def test_all_problems_reported_at_once():
     for line, fragment in expected:
         assert any(ln == line and fragment in msg for ln, msg in found), (line, fragment, found)
     assert len(found) == len(expected), found
+
+
+# ------------------------------------------------------------------ bounds (issue 10)
+
+
+def test_fractional_durations_as_for_flags():
+    policy = parse_policy("rules: []\nlimits:\n  retry_after: 1.5m\n", "p.yaml")
+    assert policy.limits.retry_after == 90
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        # 10^400 years: once an OverflowError traceback
+        ("rules: []\nlimits:\n  retry_after: 1" + "0" * 400 + "y\n",
+         "p.yaml:3: limits.retry_after: bad duration '1000000000000000000000000000000000000...': expected a "
+         "number and a unit (ms, s, m, h, d, w, y) from largest to smallest, such as 500ms, 1.5m, 1h30m"),
+        ("rules: []\nlimits:\n  retry_after: 1000y\n",
+         "p.yaml:3: limits.retry_after: bad duration '1000y': must be at most 365d"),
+        # PyYAML's int() of 5,000 digits: once a ValueError traceback
+        ("rules: []\nlimits:\n  max_concurrent: " + "9" * 5000 + "\n",
+         "p.yaml:3: limits.max_concurrent: cannot read value '9999999999999999999999999999999999999...': "
+         "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; use "
+         "sys.set_int_max_str_digits() to increase the limit"),
+        ("rules: []\nlimits:\n  max_concurrent: 1000001\n",
+         "p.yaml:3: limits.max_concurrent: must be an integer <= 1000000, got '1000001'"),
+        ("rules: []\nlimits:\n  max_attempts: 99999999999999999999\n",
+         "p.yaml:3: limits.max_attempts: must be an integer <= 1000000, got '99999999999999999999'"),
+        ("rules:\n  - name: a\n    when: {min_backing_depth: 1000001}\n    action: {pull: {}}\n",
+         "p.yaml:3: rule 'a': when.min_backing_depth: must be an integer <= 1000000, got '1000001'"),
+        ("rules: []\nlimits:\n  min_free_space_ratio: 1" + "0" * 400 + "\n",
+         "p.yaml:3: limits.min_free_space_ratio: must be a number <= 100, got '1000000000000000000000000000000000000...'"),
+        ("rules:\n  - name: a\n    action:\n      pull: {bandwidth: " + "1" * 400 + "GiB/s}\n",
+         "p.yaml:4: rule 'a': action.pull.bandwidth: bad bandwidth '1111111111111111111111111111111111111...': expected an integer "
+         "(bytes/s) or a number with B/s, KB/s, MB/s, GB/s, KiB/s, MiB/s or GiB/s, e.g. 50MiB/s"),
+        # 600 nested brackets: once a RecursionError traceback
+        ("rules: " + "[" * 600 + "]" * 600 + "\n",
+         "p.yaml:1: YAML syntax error: nested deeper than 32 levels"),
+        ("a: &a [*a]\n", "p.yaml:1: YAML syntax error: an alias refers to a value that contains it"),
+    ],
+)
+def test_values_beyond_bounds_are_file_line_errors(text, expected):
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text, "p.yaml")
+    assert str(exc.value) == expected
+
+
+def test_alias_bomb_is_stopped_by_the_value_bound():
+    # 1,000 windows each repeating a list of 2,000 bad day names: once 2 million error lines and 1.4 GB.
+    days = "[" + ", ".join(["funday"] * 2000) + "]"
+    windows = "".join("    - {days: *d, start: '01:00', end: '02:00'}\n" for _ in range(1000))
+    text = f"x: &d {days}\nrules: []\nlimits:\n  windows:\n{windows}"
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text, "p.yaml")
+    assert str(exc.value) == ("p.yaml:13: YAML syntax error: more than 20000 values "
+                              "(an alias counts everything it repeats)")
+
+
+def test_problems_are_capped_at_100():
+    days = "[" + ", ".join(["funday"] * 50) + "]"
+    windows = "".join(f"    - {{days: {days}, start: '01:00', end: '02:00'}}\n" for _ in range(10))
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(f"rules: []\nlimits:\n  windows:\n{windows}", "p.yaml")
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 101
+    assert lines[0] == "p.yaml:4: limits.windows[0].days: bad day name 'funday'; expected one of mon, tue, wed, thu, fri, sat, sun"
+    assert lines[99] == "p.yaml:5: limits.windows[1].days: bad day name 'funday'; expected one of mon, tue, wed, thu, fri, sat, sun"
+    assert lines[100] == "p.yaml: ... and 400 more problems"
+
+
+def test_counts_are_bounded():
+    rules = "".join(f"  - {{name: r{i}, action: {{pull: {{}}}}}}\n" for i in range(1001))
+    with pytest.raises(PolicyError) as exc:
+        parse_policy("rules:\n" + rules, "p.yaml")
+    assert str(exc.value) == "p.yaml:2: rules: more than 1000 items"
+
+
+def test_unexpected_exception_while_reading_is_a_file_line_error(monkeypatch):
+    import exporter.policy.config as config
+
+    def boom(text):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(config, "parse_hhmm", boom)
+    with pytest.raises(PolicyError) as exc:
+        parse_policy("rules: []\nlimits:\n  windows:\n    - {start: '01:00', end: '02:00'}\n", "p.yaml")
+    assert str(exc.value) == "p.yaml:4: cannot read this value: RuntimeError: boom"
+
+
+def test_large_file_is_refused_without_reading_it_all(tmp_path):
+    # `policy check /dev/zero` once grew to 4.3 GB; run it under a 512 MiB address-space limit.
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.yaml"
+    big.write_text("rules: []\n" + "#" * (1 << 20))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20)); "
+            "from exporter.policy.commands import policy_check; "
+            "sys.exit(policy_check(sys.argv[1]) + 10 * policy_check(sys.argv[2]))")
+    result = subprocess.run([sys.executable, "-c", code, "/dev/zero", str(big)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stderr == (f"/dev/zero: policy file is larger than 1024 KiB\n"
+                             f"{big}: policy file is larger than 1024 KiB\n")
+    assert result.returncode == 11

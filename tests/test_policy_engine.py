@@ -428,6 +428,42 @@ def test_reload_of_a_deleted_file_keeps_policy(tmp_path):
     assert engine.reload() is False and engine.policy.rule_names == ("all",)
 
 
+@pytest.mark.parametrize("text,message", [
+    # each of these killed the reload thread with last_reload_successful left at 1
+    ("rules: []\nlimits: {retry_after: 1" + "0" * 400 + "y}\n",
+     ":2: limits.retry_after: bad duration '1000000000000000000000000000000000000...': expected a number and a "
+     "unit (ms, s, m, h, d, w, y) from largest to smallest, such as 500ms, 1.5m, 1h30m"),
+    ("rules: []\nlimits: {max_attempts: " + "7" * 5000 + "}\n",
+     ":2: limits.max_attempts: cannot read value '7777777777777777777777777777777777777...': Exceeds the limit "
+     "(4300 digits) for integer string conversion: value has 5000 digits; use sys.set_int_max_str_digits() "
+     "to increase the limit"),
+    ("rules: " + "[" * 600 + "]" * 600 + "\n", ":1: YAML syntax error: nested deeper than 32 levels"),
+])
+def test_reload_failing_inside_the_parser_keeps_policy_and_reports_0(tmp_path, caplog, text, message):
+    engine, _, _ = make(tmp_path)
+    (tmp_path / "policy.yaml").write_text(text)
+    assert engine.reload() is False and engine.policy.rule_names == ("all",)
+    assert value(exposition(engine), "libvirt_blockjob_policy_last_reload_successful") == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"policy reload failed, keeping the previous policy: {tmp_path / 'policy.yaml'}{message}"]
+
+
+def test_reload_survives_any_exception(tmp_path, caplog, monkeypatch):
+    import exporter.policy.engine as engine_module
+
+    engine, _, _ = make(tmp_path)
+
+    def broken(path):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(engine_module, "load_policy", broken)
+    assert engine.reload() is False and engine.policy.rule_names == ("all",)
+    assert value(exposition(engine), "libvirt_blockjob_policy_last_reload_successful") == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"policy reload failed, keeping the previous policy: {tmp_path / 'policy.yaml'}: "
+                      "MemoryError: out of memory"]
+
+
 # ------------------------------------------------------------------ metrics and table
 
 
@@ -473,6 +509,18 @@ def test_plan_table(tmp_path):
     assert "Disks selected by a rule's globs whose conditions did not hold:" in table
     assert any(ln.split()[:3] == ["db", "vda", "deep"] and "depth 1 < 2" in ln for ln in lines)
     assert any("no backing image matches keep_base '/img/base-2025*'" in ln for ln in lines)
+
+
+def test_plan_table_escapes_names(tmp_path):
+    # A domain named with a newline once printed a second, forged row.
+    engine, _, _ = make(tmp_path, enforcing=False, rules='  - name: all\n    action: {pull: {}}\n')
+    evil = "a\nb      vda  all   start  ok   forged\x1b[2J\u202e"
+    plan = engine.evaluate_and_act(snap([disk(evil, chain=("/img/x\ny",))], jobs=[]))
+    lines = format_plan_table(plan).splitlines()
+    assert len(lines) == 4, lines
+    assert lines[2] == ("a\\nb      vda  all   start  ok   forged\\x1b[2J\\u202e  vda   all   would start  dry_run  "
+                        "dry run, would pull; 1.0 GiB to copy, 100.0 GiB free")
+    assert lines[3] == "    matched: depth 1 >= 1"
 
 
 def test_policy_plan_command(tmp_path):

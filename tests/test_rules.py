@@ -212,3 +212,34 @@ def test_bad_thresholds_are_all_reported_with_lines(tmp_path):
         gen_rules.load_thresholds(THRESHOLDS, {("stalled", "atfer"): "5s"})
     with pytest.raises(gen_rules.ThresholdError, match="severity"):
         gen_rules.load_thresholds(THRESHOLDS, {("failed", "severity"): "page"})
+
+
+def test_thresholds_use_the_one_duration_grammar_and_render_prometheus_durations():
+    t = gen_rules.load_thresholds(THRESHOLDS, {("stalled", "after"): "1.5m", ("failed", "window"): "0.5h"})
+    assert t["stalled"]["after"] == "1m30s" and t["failed"]["window"] == "30m"
+    assert gen_rules.load_thresholds(THRESHOLDS) == gen_rules.load_thresholds(THRESHOLDS, {})
+    with pytest.raises(TypeError):
+        t["stalled"]["after"] = "1s"  # frozen
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("selector: " + "[" * 600 + "\n", "{f}:1: YAML syntax error: nested deeper than 32 levels"),
+    (None, "{f}: cannot read thresholds file: No such file or directory"),
+])
+def test_unreadable_thresholds_are_one_clear_line(tmp_path, text, expected):
+    f = tmp_path / "thresholds.yml"
+    if text is not None:
+        f.write_text(text)
+    result = run(sys.executable, "scripts/gen-rules.py", "--thresholds", str(f), "-o", str(tmp_path / "x.yml"))
+    assert (result.returncode, result.stderr) == (2, "gen-rules: " + expected.format(f=f) + "\n")
+
+
+def test_threshold_values_are_bounded():
+    with pytest.raises(gen_rules.ThresholdError) as err:
+        gen_rules.load_thresholds(THRESHOLDS, {("stalled", "after"): "1000y", ("backing_chain", "depth"): 10**6,
+                                               ("failed", "for"): "1.0005s"})
+    assert err.value.problems == [
+        "override stalled.after: stalled.after: bad duration '1000y': must be at most 365d",
+        "override backing_chain.depth: backing_chain.depth: must be an integer <= 1000, got '1000000'",
+        "override failed.for: failed.for: Prometheus durations are whole milliseconds, got '1.0005s'",
+    ]

@@ -1,22 +1,20 @@
-"""Policy file: YAML in, frozen dataclasses out.
+"""Policy file: YAML in, frozen dataclasses out, through the shared loader (``exporter.configfile``).
 
-The file is composed into a YAML node tree (not loaded into plain dicts) so every problem can be
-reported with its line, and the whole tree is walked even after the first problem so one run of
-``policy check`` lists everything that is wrong.
+The whole tree is walked even after the first problem so one run of ``policy check`` lists
+everything that is wrong, each with its line.
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dtime, timedelta
-from typing import Iterable
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, ScalarNode
+
+from exporter.configfile import ABSENT, INT, STR, ConfigError, Problem, Reader, describe, is_null, load, short  # noqa: F401
+from exporter.durations import format_duration  # noqa: F401 - the policy package's display helper
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = datetime.weekday()
 
@@ -29,27 +27,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 # --------------------------------------------------------------------------- errors
 
 
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    line: int | None  # 1-based; None when the problem is not tied to a line (unreadable file)
-    message: str
-
-    def __str__(self) -> str:
-        if self.line is None:
-            return f"{self.file}: {self.message}"
-        return f"{self.file}:{self.line}: {self.message}"
-
-
-class PolicyError(Exception):
+class PolicyError(ConfigError):
     """Every problem found in one policy file, in file order."""
-
-    def __init__(self, problems: Iterable[Problem]):
-        self.problems = list(problems)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return "\n".join(str(p) for p in self.problems)
 
 
 # --------------------------------------------------------------------------- values
@@ -78,60 +57,25 @@ class Glob:
 MATCH_ALL = Glob("*")
 
 
+# A bracket expression as fnmatch.translate reads it: '!' and a first ']' belong to it.
+_BRACKET = re.compile(r"\[!?+\]?+[^\]]*+\]|\[")
+
+
 def glob_problem(pattern: str) -> str | None:
     """Why ``pattern`` is not a usable glob, or None.
 
     fnmatch silently treats an unclosed ``[`` as a literal, which is almost always a typo in a
-    policy, so it is rejected here. The scan mirrors ``fnmatch.translate``.
+    policy, so it is rejected here.
     """
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        i += 1
-        if c == "[":
-            j = i
-            if j < n and pattern[j] == "!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j >= n:
-                return f"unbalanced '[' at position {i}"
-            i = j + 1
+    for m in _BRACKET.finditer(pattern):
+        if m.group() == "[":
+            return f"unbalanced '[' at position {m.start() + 1}"
     return None
 
 
-_DURATION_RE = re.compile(
-    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
-)
-_DURATION_UNITS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a Prometheus-style duration (``30s``, ``5m``, ``1h30m``, ``1d``; ``0`` too)."""
-    text = text.strip()
-    if text == "0":
-        return 0.0
-    m = _DURATION_RE.match(text)
-    if not text or m is None:
-        raise ValueError(
-            f"bad duration {text!r}: expected a Prometheus duration such as 30s, 5m, 1h, 1d, 1h30m"
-        )
-    return float(sum(int(g) * u for g, u in zip(m.groups(), _DURATION_UNITS) if g))
-
-
-_BANDWIDTH_UNITS = {
-    "B": 1,
-    "KB": 1000,
-    "kB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-    "KiB": 1024,
-    "MiB": 1024**2,
-    "GiB": 1024**3,
-}
-_BANDWIDTH_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|kB|MB|GB|KiB|MiB|GiB)/s$")
+_BANDWIDTH_UNITS = {"B": 1, "KB": 1000, "kB": 1000, "MB": 1000**2, "GB": 1000**3,
+                    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_BANDWIDTH_RE = re.compile(r"^(\d{1,20}(?:\.\d{1,20})?)\s*(B|KB|kB|MB|GB|KiB|MiB|GiB)/s$", re.ASCII)
 _MAX_BANDWIDTH = 2**63 - 1
 
 
@@ -143,20 +87,20 @@ def parse_bandwidth(value: int | str) -> int:
         result = value
     else:
         text = value.strip()
-        if text.isdigit():
+        if re.fullmatch(r"\d{1,20}", text, re.ASCII):
             result = int(text)
         else:
             m = _BANDWIDTH_RE.match(text)
             if m is None:
                 raise ValueError(
-                    f"bad bandwidth {value!r}: expected an integer (bytes/s) or a number with "
+                    f"bad bandwidth {short(value)}: expected an integer (bytes/s) or a number with "
                     "B/s, KB/s, MB/s, GB/s, KiB/s, MiB/s or GiB/s, e.g. 50MiB/s"
                 )
-            result = round(float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2)])
+            result = round(float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2)])  # < 1e31: no overflow
     if result < 0:
-        raise ValueError(f"bad bandwidth {value!r}: must not be negative")
+        raise ValueError(f"bad bandwidth {short(str(value))}: must not be negative")
     if result > _MAX_BANDWIDTH:
-        raise ValueError(f"bad bandwidth {value!r}: too large")
+        raise ValueError(f"bad bandwidth {short(str(value))}: too large")
     return result
 
 
@@ -167,7 +111,7 @@ def parse_hhmm(text: str) -> int:
     """Minutes after midnight for ``HH:MM`` (00:00 .. 23:59)."""
     m = _TIME_RE.match(text.strip())
     if m is None:
-        raise ValueError(f"bad time {text!r}: expected HH:MM between 00:00 and 23:59")
+        raise ValueError(f"bad time {short(text)}: expected HH:MM between 00:00 and 23:59")
     return int(m.group(1)) * 60 + int(m.group(2))
 
 
@@ -177,18 +121,6 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def format_duration(seconds: float) -> str:
-    s = int(seconds)
-    if s == 0:
-        return "0s"
-    out = ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if s >= size:
-            out += f"{s // size}{unit}"
-            s %= size
-    return out
 
 
 def _hhmm(minute: int) -> str:
@@ -289,420 +221,245 @@ class Policy:
 
 # --------------------------------------------------------------------------- loading
 
+MAX_RULES = 1000
+MAX_WINDOWS = 100
+MAX_DAYS = 100  # entries of one window's day list (repeats allowed)
+MAX_COUNT = 1_000_000  # max_concurrent, max_attempts, min_backing_depth (a big one means "no limit")
+MAX_RETRY_AFTER = 365 * 86400.0
+MAX_RATIO = 100.0
+MAX_TEXT = 4096  # characters of a rule name or a glob
+
 
 def load_policy(path: str) -> Policy:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise PolicyError([Problem(path, None, f"cannot read policy file: {e.strerror or e}")])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PolicyError([Problem(path, line, "file is not valid UTF-8")])
-    return parse_policy(text, path)
+    return _load(path, None)
 
 
 def parse_policy(text: str, filename: str) -> Policy:
     """Parse a policy document, raising PolicyError with every problem found."""
-    p = _Parser(filename)
+    return _load(filename, text)
+
+
+def _load(path: str, text: str | None) -> Policy:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        msg = e.problem or e.context or "invalid YAML"
-        if e.context and e.problem:
-            ctx = e.context
-            if e.context_mark is not None and mark is not None and e.context_mark.line != mark.line:
-                ctx += f" started at line {e.context_mark.line + 1}"
-            msg = f"{msg} ({ctx})"
-        raise PolicyError([Problem(filename, mark.line + 1 if mark else None, f"YAML syntax error: {msg}")])
-    except yaml.reader.ReaderError as e:
-        line = text[: e.position].count("\n") + 1
-        raise PolicyError([Problem(filename, line, f"YAML syntax error: {e.reason}")])
-    except yaml.YAMLError as e:  # pragma: no cover - every PyYAML error above carries a mark
-        raise PolicyError([Problem(filename, None, f"YAML syntax error: {e}")])
+        return load(path, "policy file", _policy, text=text)[0]
+    except ConfigError as e:
+        raise PolicyError(e.problems) from None
+
+
+def _policy(r: Reader, root: Node | None) -> Policy | None:
     if root is None:
-        raise PolicyError([Problem(filename, 1, "policy file is empty; expected a mapping with 'rules'")])
-    policy = p.policy(root)
-    if p.problems:
-        raise PolicyError(sorted(p.problems, key=lambda pr: (pr.line or 0)))
-    assert policy is not None
-    return policy
+        r.error(1, "policy file is empty; expected a mapping with 'rules'")
+        return None
+    top = r.keys(root, "policy", ("rules", "limits"))
+    if top is None:
+        return None
+    if "rules" not in top:
+        r.error(root, "policy: missing required key 'rules'")
+    rules = _rules(r, top["rules"]) if "rules" in top else ()
+    limits = _limits(r, top["limits"]) if "limits" in top else Limits()
+    if rules is ABSENT or limits is ABSENT:
+        return None
+    return Policy(rules=rules, limits=limits, source=r.path)
 
 
-_STR = "tag:yaml.org,2002:str"
-_INT = "tag:yaml.org,2002:int"
-_FLOAT = "tag:yaml.org,2002:float"
-_BOOL = "tag:yaml.org,2002:bool"
-_NULL = "tag:yaml.org,2002:null"
-_KIND = {
-    _STR: "a string",
-    _INT: "an integer",
-    _FLOAT: "a number",
-    _BOOL: "a boolean",
-    _NULL: "nothing (null)",
-    "tag:yaml.org,2002:timestamp": "a date",
-}
-
-_ABSENT = object()
+def _rules(r: Reader, node: Node):
+    if is_null(node):
+        return ()
+    items = r.sequence(node, "rules", "a list of rules", MAX_RULES)
+    if items is None:
+        return ABSENT
+    seen: dict[str, int] = {}
+    out = [_rule(r, rnode, i, seen) for i, rnode in enumerate(items)]
+    return ABSENT if ABSENT in out else tuple(out)
 
 
-def _is_null(node: Node) -> bool:
-    return isinstance(node, ScalarNode) and node.tag == _NULL
+def _text(r: Reader, node: Node, where: str):
+    value = r.string(node, where)
+    if value is not ABSENT and len(value) > MAX_TEXT:
+        r.error(node, f"{where}: longer than {MAX_TEXT} characters")
+        return ABSENT
+    return value
 
 
-def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    kind = _KIND.get(node.tag, f"a value tagged {node.tag}")
-    if node.tag == _NULL:
-        return kind
-    return f"{kind} ({node.value!r})"
+def _rule(r: Reader, node: Node, index: int, seen: dict[str, int]):
+    where = f"rules[{index}]"
+    keys = r.keys(node, where, ("name", "match", "when", "action"))
+    if keys is None:
+        return ABSENT
+    name: object = ABSENT
+    if "name" not in keys:
+        r.error(node, f"{where}: missing required key 'name'")
+    else:
+        name = _text(r, keys["name"], f"{where}.name")
+        if name == "":
+            r.error(keys["name"], f"{where}.name: must not be empty")
+            name = ABSENT
+        elif name in seen:
+            r.error(keys["name"], f"{where}.name: duplicate rule name {short(name)} (first at line {seen[name]})")
+        elif name is not ABSENT:
+            seen[name] = keys["name"].start_mark.line + 1
+            where = f"rule {short(name)}"
+    match = _match(r, keys.get("match"), where)
+    when = _when(r, keys.get("when"), where)
+    pull: object = ABSENT
+    if is_null(keys.get("action")):
+        r.error(keys.get("action", node), f"{where}: rule has no action (expected 'action: {{pull: ...}}')")
+    else:
+        pull = _action(r, keys["action"], where)
+    if ABSENT in (name, match, when, pull):
+        return ABSENT
+    return Rule(name=name, match=match, when=when, pull=pull, line=node.start_mark.line + 1)
 
 
-class _Parser:
-    def __init__(self, filename: str):
-        self.filename = filename
-        self.problems: list[Problem] = []
-        self._ctor = yaml.constructor.SafeConstructor()
+def _glob(r: Reader, node: Node, where: str, empty_is_all: bool = False):
+    value = _text(r, node, where)
+    if value is ABSENT:
+        return ABSENT
+    if value == "":
+        if empty_is_all:
+            return MATCH_ALL
+        r.error(node, f"{where}: empty glob matches nothing; remove the key instead")
+        return ABSENT
+    problem = glob_problem(value)
+    if problem:
+        r.error(node, f"{where}: bad glob {short(value)}: {problem}")
+        return ABSENT
+    return Glob(value)
 
-    # -- helpers
 
-    def error(self, node: Node | None, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else None
-        self.problems.append(Problem(self.filename, line, message))
+def _match(r: Reader, node: Node | None, where: str):
+    keys = r.keys(node, f"{where}: match", ("domain", "disk"))
+    if keys is None:
+        return ABSENT
+    domain = _glob(r, keys["domain"], f"{where}: match.domain", True) if "domain" in keys else MATCH_ALL
+    disk = _glob(r, keys["disk"], f"{where}: match.disk", True) if "disk" in keys else MATCH_ALL
+    return ABSENT if ABSENT in (domain, disk) else Match(domain=domain, disk=disk)
 
-    def construct(self, node: ScalarNode, where: str):
+
+def _when(r: Reader, node: Node | None, where: str):
+    keys = r.keys(node, f"{where}: when", ("min_backing_depth", "backing_file"))
+    if keys is None:
+        return ABSENT
+    depth = backing = None
+    if "min_backing_depth" in keys:
+        depth = r.integer(keys["min_backing_depth"], f"{where}: when.min_backing_depth", 1, MAX_COUNT)
+    if "backing_file" in keys:
+        backing = _glob(r, keys["backing_file"], f"{where}: when.backing_file")
+    return ABSENT if ABSENT in (depth, backing) else When(min_backing_depth=depth, backing_file=backing)
+
+
+def _action(r: Reader, node: Node, where: str):
+    keys = r.keys(node, f"{where}: action", ("pull",))
+    if keys is None:
+        return ABSENT
+    if "pull" not in keys:
+        r.error(node, f"{where}: rule has no action (expected 'action: {{pull: ...}}')")
+        return ABSENT
+    pkeys = r.keys(keys["pull"], f"{where}: action.pull", ("bandwidth", "keep_base"))
+    if pkeys is None:
+        return ABSENT
+    bandwidth: object = 0
+    keep_base: object = None
+    if "bandwidth" in pkeys:
+        where_bw = f"{where}: action.pull.bandwidth"
+        value = r.scalar(pkeys["bandwidth"], where_bw, (INT, STR),
+                         "a bandwidth such as 50MiB/s or an integer in bytes/s")
         try:
-            return self._ctor.construct_object(node, deep=True)
-        except yaml.YAMLError as e:
-            self.error(node, f"{where}: cannot read value {node.value!r}: {getattr(e, 'problem', e)}")
-            return _ABSENT
+            bandwidth = ABSENT if value is ABSENT else parse_bandwidth(value)
+        except ValueError as e:
+            r.error(pkeys["bandwidth"], f"{where_bw}: {e}")
+            bandwidth = ABSENT
+    if "keep_base" in pkeys:
+        keep_base = _glob(r, pkeys["keep_base"], f"{where}: action.pull.keep_base")
+    if ABSENT in (bandwidth, keep_base):
+        return ABSENT
+    return PullAction(bandwidth_bytes=bandwidth, keep_base=keep_base)
 
-    def mapping(self, node: Node, where: str, allowed: tuple[str, ...]) -> dict[str, Node] | None:
-        """Keys of a mapping node; a null value counts as an empty mapping."""
-        if _is_null(node):
-            return {}
-        if not isinstance(node, MappingNode):
-            self.error(node, f"{where}: expected a mapping, got {_describe(node)}")
-            return None
-        out: dict[str, Node] = {}
-        first: dict[str, Node] = {}
-        for knode, vnode in node.value:
-            if not (isinstance(knode, ScalarNode) and knode.tag == _STR):
-                if isinstance(knode, ScalarNode) and knode.tag == "tag:yaml.org,2002:merge":
-                    self.error(knode, f"{where}: merge keys ('<<') are not supported")
-                else:
-                    self.error(knode, f"{where}: keys must be strings, got {_describe(knode)}")
-                continue
-            name = knode.value
-            if name in first:
-                self.error(
-                    knode,
-                    f"{where}: duplicate key '{name}' (first at line {first[name].start_mark.line + 1})",
-                )
-                continue
-            first[name] = knode
-            if name not in allowed:
-                hint = difflib.get_close_matches(name, allowed, n=1)
-                suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-                self.error(
-                    knode,
-                    f"{where}: unknown key '{name}' (allowed: {', '.join(allowed)}){suggestion}",
-                )
-                continue
-            out[name] = vnode
-        return out
 
-    def scalar_of(self, node: Node, where: str, tags: tuple[str, ...], expected: str):
-        if not isinstance(node, ScalarNode) or node.tag not in tags:
-            self.error(node, f"{where}: expected {expected}, got {_describe(node)}")
-            return _ABSENT
-        return self.construct(node, where)
+_LIMIT_KEYS = ("max_concurrent", "windows", "abort_outside_window", "retry_after", "min_free_space_ratio",
+               "max_attempts")
 
-    def string(self, node: Node, where: str) -> str | object:
-        return self.scalar_of(node, where, (_STR,), "a string")
 
-    def glob(self, node: Node, where: str, empty_is_all: bool = False) -> Glob | None | object:
-        value = self.string(node, where)
-        if value is _ABSENT:
-            return _ABSENT
-        assert isinstance(value, str)
-        if value == "":
-            if empty_is_all:
-                return MATCH_ALL
-            self.error(node, f"{where}: empty glob matches nothing; remove the key instead")
-            return _ABSENT
-        problem = glob_problem(value)
-        if problem:
-            self.error(node, f"{where}: bad glob {value!r}: {problem}")
-            return _ABSENT
-        return Glob(value)
+def _limits(r: Reader, node: Node):
+    keys = r.keys(node, "limits", _LIMIT_KEYS)
+    if keys is None:
+        return ABSENT
+    values: dict[str, object] = {}
+    for key in ("max_concurrent", "max_attempts"):
+        if key in keys:
+            values[key] = r.integer(keys[key], f"limits.{key}", 1, MAX_COUNT)
+    if "abort_outside_window" in keys:
+        values["abort_outside_window"] = r.boolean(keys["abort_outside_window"], "limits.abort_outside_window")
+    if "retry_after" in keys:
+        values["retry_after"] = r.duration(keys["retry_after"], "limits.retry_after", MAX_RETRY_AFTER)
+    if "min_free_space_ratio" in keys:
+        values["min_free_space_ratio"] = r.number(
+            keys["min_free_space_ratio"], "limits.min_free_space_ratio", 1.0, MAX_RATIO,
+            " (a pull must fit on the overlay's filesystem)")
+    if "windows" in keys:
+        values["windows"] = _windows(r, keys["windows"])
+    return ABSENT if ABSENT in values.values() else Limits(**values)
 
-    def integer(self, node: Node, where: str, minimum: int) -> int | object:
-        value = self.scalar_of(node, where, (_INT,), f"an integer >= {minimum}")
-        if value is _ABSENT:
-            return _ABSENT
-        assert isinstance(value, int)
-        if value < minimum:
-            self.error(node, f"{where}: must be an integer >= {minimum}, got {value}")
-            return _ABSENT
-        return value
 
-    # -- document
+def _windows(r: Reader, node: Node):
+    items = r.sequence(node, "limits.windows", "a list of windows", MAX_WINDOWS)
+    if items is None:
+        return ABSENT
+    if not items:
+        r.error(node, "limits.windows: empty list would never allow a start; remove the key to allow any time")
+        return ABSENT
+    out = [_window(r, w, f"limits.windows[{i}]") for i, w in enumerate(items)]
+    return ABSENT if ABSENT in out else tuple(out)
 
-    def policy(self, root: Node) -> Policy | None:
-        top = self.mapping(root, "policy", ("rules", "limits"))
-        if top is None:
-            return None
-        if "rules" not in top:
-            self.error(root, "policy: missing required key 'rules'")
-        rules = self.rules(top["rules"]) if "rules" in top else ()
-        limits = self.limits(top["limits"]) if "limits" in top else Limits()
-        if rules is None or limits is None:
-            return None
-        return Policy(rules=rules, limits=limits, source=self.filename)
 
-    def rules(self, node: Node) -> tuple[Rule, ...] | None:
-        if _is_null(node):
-            return ()
-        if not isinstance(node, SequenceNode):
-            self.error(node, f"rules: expected a list of rules, got {_describe(node)}")
-            return None
-        out: list[Rule] = []
-        seen: dict[str, int] = {}
-        ok = True
-        for i, rnode in enumerate(node.value):
-            rule = self.rule(rnode, i, seen)
-            if rule is None:
-                ok = False
-            else:
-                out.append(rule)
-        return tuple(out) if ok else None
-
-    def rule(self, node: Node, index: int, seen: dict[str, int]) -> Rule | None:
-        where = f"rules[{index}]"
-        keys = self.mapping(node, where, ("name", "match", "when", "action"))
-        if keys is None:
-            return None
-        name: object = _ABSENT
-        if "name" not in keys:
-            self.error(node, f"{where}: missing required key 'name'")
+def _window(r: Reader, node: Node, where: str):
+    keys = r.keys(node, where, ("days", "start", "end"))
+    if keys is None:
+        return ABSENT
+    days = _days(r, keys["days"], f"{where}.days") if "days" in keys else tuple(range(7))
+    times: dict[str, object] = {}
+    for k in ("start", "end"):
+        if k not in keys:
+            r.error(node, f"{where}: missing required key '{k}'")
+            times[k] = ABSENT
         else:
-            name = self.string(keys["name"], f"{where}.name")
-            if name == "":
-                self.error(keys["name"], f"{where}.name: must not be empty")
-                name = _ABSENT
-            elif isinstance(name, str):
-                line = keys["name"].start_mark.line + 1
-                if name in seen:
-                    self.error(
-                        keys["name"], f"{where}.name: duplicate rule name {name!r} (first at line {seen[name]})"
-                    )
-                else:
-                    seen[name] = line
-                    where = f"rule {name!r}"
-        match = self.match(keys.get("match"), where)
-        when = self.when(keys.get("when"), where)
-        pull: object = _ABSENT
-        if "action" not in keys or _is_null(keys["action"]):
-            self.error(keys.get("action", node), f"{where}: rule has no action (expected 'action: {{pull: ...}}')")
+            times[k] = _hhmm_value(r, keys[k], f"{where}.{k}")
+    if days is ABSENT or ABSENT in times.values():
+        return ABSENT
+    if times["start"] == times["end"]:
+        r.error(node, f"{where}: empty window (start equals end {_hhmm(times['start'])})")
+        return ABSENT
+    return Window(days=days, start_minute=times["start"], end_minute=times["end"])
+
+
+def _days(r: Reader, node: Node, where: str):
+    items = r.sequence(node, where, "a list of day names (mon..sun)", MAX_DAYS)
+    if items is None:
+        return ABSENT
+    if not items:
+        r.error(node, f"{where}: empty list; the window would never open")
+        return ABSENT
+    out: set[int] = set()
+    ok = True
+    for dnode in items:
+        if not (isinstance(dnode, ScalarNode) and dnode.tag == STR):
+            r.error(dnode, f"{where}: expected a day name (mon..sun), got {describe(dnode)}")
+            ok = False
+        elif dnode.value.strip().lower() not in DAYS:
+            r.error(dnode, f"{where}: bad day name {short(dnode.value)}; expected one of {', '.join(DAYS)}")
+            ok = False
         else:
-            pull = self.action(keys["action"], where)
-        parts = (name, match, when, pull)
-        if any(p is _ABSENT for p in parts):
-            return None
-        return Rule(name=name, match=match, when=when, pull=pull, line=node.start_mark.line + 1)  # type: ignore[arg-type]
+            out.add(DAYS.index(dnode.value.strip().lower()))
+    return tuple(sorted(out)) if ok else ABSENT
 
-    def match(self, node: Node | None, where: str) -> Match | object:
-        if node is None:
-            return Match()
-        keys = self.mapping(node, f"{where}: match", ("domain", "disk"))
-        if keys is None:
-            return _ABSENT
-        domain = self.glob(keys["domain"], f"{where}: match.domain", True) if "domain" in keys else MATCH_ALL
-        disk = self.glob(keys["disk"], f"{where}: match.disk", True) if "disk" in keys else MATCH_ALL
-        if domain is _ABSENT or disk is _ABSENT:
-            return _ABSENT
-        return Match(domain=domain, disk=disk)  # type: ignore[arg-type]
 
-    def when(self, node: Node | None, where: str) -> When | object:
-        if node is None:
-            return When()
-        keys = self.mapping(node, f"{where}: when", ("min_backing_depth", "backing_file"))
-        if keys is None:
-            return _ABSENT
-        depth: object = None
-        backing: object = None
-        if "min_backing_depth" in keys:
-            depth = self.integer(keys["min_backing_depth"], f"{where}: when.min_backing_depth", 1)
-        if "backing_file" in keys:
-            backing = self.glob(keys["backing_file"], f"{where}: when.backing_file")
-        if depth is _ABSENT or backing is _ABSENT:
-            return _ABSENT
-        return When(min_backing_depth=depth, backing_file=backing)  # type: ignore[arg-type]
-
-    def action(self, node: Node, where: str) -> PullAction | object:
-        keys = self.mapping(node, f"{where}: action", ("pull",))
-        if keys is None:
-            return _ABSENT
-        if "pull" not in keys:
-            self.error(node, f"{where}: rule has no action (expected 'action: {{pull: ...}}')")
-            return _ABSENT
-        pkeys = self.mapping(keys["pull"], f"{where}: action.pull", ("bandwidth", "keep_base"))
-        if pkeys is None:
-            return _ABSENT
-        bandwidth: object = 0
-        keep_base: object = None
-        if "bandwidth" in pkeys:
-            bandwidth = self.bandwidth(pkeys["bandwidth"], f"{where}: action.pull.bandwidth")
-        if "keep_base" in pkeys:
-            keep_base = self.glob(pkeys["keep_base"], f"{where}: action.pull.keep_base")
-        if bandwidth is _ABSENT or keep_base is _ABSENT:
-            return _ABSENT
-        return PullAction(bandwidth_bytes=bandwidth, keep_base=keep_base)  # type: ignore[arg-type]
-
-    def bandwidth(self, node: Node, where: str) -> int | object:
-        value = self.scalar_of(
-            node, where, (_INT, _STR), "a bandwidth such as 50MiB/s or an integer in bytes/s"
-        )
-        if value is _ABSENT:
-            return _ABSENT
-        try:
-            return parse_bandwidth(value)  # type: ignore[arg-type]
-        except ValueError as e:
-            self.error(node, f"{where}: {e}")
-            return _ABSENT
-
-    def duration(self, node: Node, where: str) -> float | object:
-        if isinstance(node, ScalarNode) and node.tag == _INT and node.value.strip() == "0":
-            return 0.0
-        if isinstance(node, ScalarNode) and node.tag == _INT:
-            self.error(node, f"{where}: duration {node.value!r} needs a unit, e.g. {node.value}s or {node.value}m")
-            return _ABSENT
-        value = self.string(node, where)
-        if value is _ABSENT:
-            return _ABSENT
-        try:
-            return parse_duration(value)  # type: ignore[arg-type]
-        except ValueError as e:
-            self.error(node, f"{where}: {e}")
-            return _ABSENT
-
-    def limits(self, node: Node) -> Limits | None:
-        keys = self.mapping(
-            node,
-            "limits",
-            (
-                "max_concurrent",
-                "windows",
-                "abort_outside_window",
-                "retry_after",
-                "min_free_space_ratio",
-                "max_attempts",
-            ),
-        )
-        if keys is None:
-            return None
-        values: dict[str, object] = {}
-        if "max_concurrent" in keys:
-            values["max_concurrent"] = self.integer(keys["max_concurrent"], "limits.max_concurrent", 1)
-        if "max_attempts" in keys:
-            values["max_attempts"] = self.integer(keys["max_attempts"], "limits.max_attempts", 1)
-        if "abort_outside_window" in keys:
-            values["abort_outside_window"] = self.scalar_of(
-                keys["abort_outside_window"], "limits.abort_outside_window", (_BOOL,), "true or false"
-            )
-        if "retry_after" in keys:
-            values["retry_after"] = self.duration(keys["retry_after"], "limits.retry_after")
-        if "min_free_space_ratio" in keys:
-            values["min_free_space_ratio"] = self.ratio(keys["min_free_space_ratio"])
-        if "windows" in keys:
-            values["windows"] = self.windows(keys["windows"])
-        if any(v is _ABSENT for v in values.values()):
-            return None
-        return Limits(**values)  # type: ignore[arg-type]
-
-    def ratio(self, node: Node) -> float | object:
-        where = "limits.min_free_space_ratio"
-        value = self.scalar_of(node, where, (_INT, _FLOAT), "a number >= 1.0")
-        if value is _ABSENT:
-            return _ABSENT
-        value = float(value)  # type: ignore[arg-type]
-        if math.isnan(value) or math.isinf(value) or value < 1.0:
-            self.error(
-                node,
-                f"{where}: must be a number >= 1.0 (a pull must fit on the overlay's filesystem), got {node.value}",
-            )
-            return _ABSENT
-        return value
-
-    def windows(self, node: Node) -> tuple[Window, ...] | object:
-        if not isinstance(node, SequenceNode):
-            self.error(node, f"limits.windows: expected a list of windows, got {_describe(node)}")
-            return _ABSENT
-        if not node.value:
-            self.error(node, "limits.windows: empty list would never allow a start; remove the key to allow any time")
-            return _ABSENT
-        out = [self.window(w, f"limits.windows[{i}]") for i, w in enumerate(node.value)]
-        if any(w is _ABSENT for w in out):
-            return _ABSENT
-        return tuple(out)  # type: ignore[arg-type]
-
-    def window(self, node: Node, where: str) -> Window | object:
-        keys = self.mapping(node, where, ("days", "start", "end"))
-        if keys is None:
-            return _ABSENT
-        days: object = tuple(range(7))
-        if "days" in keys:
-            days = self.days(keys["days"], f"{where}.days")
-        times: dict[str, object] = {}
-        for k in ("start", "end"):
-            if k not in keys:
-                self.error(node, f"{where}: missing required key '{k}'")
-                times[k] = _ABSENT
-            else:
-                times[k] = self.hhmm(keys[k], f"{where}.{k}")
-        if days is _ABSENT or _ABSENT in times.values():
-            return _ABSENT
-        if times["start"] == times["end"]:
-            self.error(node, f"{where}: empty window (start equals end {_hhmm(times['start'])})")  # type: ignore[arg-type]
-            return _ABSENT
-        return Window(days=days, start_minute=times["start"], end_minute=times["end"])  # type: ignore[arg-type]
-
-    def days(self, node: Node, where: str) -> tuple[int, ...] | object:
-        if not isinstance(node, SequenceNode):
-            self.error(node, f"{where}: expected a list of day names (mon..sun), got {_describe(node)}")
-            return _ABSENT
-        if not node.value:
-            self.error(node, f"{where}: empty list; the window would never open")
-            return _ABSENT
-        out: set[int] = set()
-        ok = True
-        for dnode in node.value:
-            if not (isinstance(dnode, ScalarNode) and dnode.tag == _STR):
-                self.error(dnode, f"{where}: expected a day name (mon..sun), got {_describe(dnode)}")
-                ok = False
-                continue
-            name = dnode.value.strip().lower()
-            if name not in DAYS:
-                self.error(dnode, f"{where}: bad day name {dnode.value!r}; expected one of {', '.join(DAYS)}")
-                ok = False
-                continue
-            out.add(DAYS.index(name))
-        return tuple(sorted(out)) if ok else _ABSENT
-
-    def hhmm(self, node: Node, where: str) -> int | object:
-        # Unquoted 22:00 is a YAML 1.1 base-60 integer; the raw text is what the user meant.
-        if not (isinstance(node, ScalarNode) and node.tag in (_STR, _INT)):
-            self.error(node, f"{where}: expected a time \"HH:MM\", got {_describe(node)}")
-            return _ABSENT
-        try:
-            return parse_hhmm(node.value)
-        except ValueError as e:
-            self.error(node, f"{where}: {e}")
-            return _ABSENT
+def _hhmm_value(r: Reader, node: Node, where: str):
+    # Unquoted 22:00 is a YAML 1.1 base-60 integer; the raw text is what the user meant.
+    if not (isinstance(node, ScalarNode) and node.tag in (STR, INT)):
+        r.error(node, f"{where}: expected a time \"HH:MM\", got {describe(node)}")
+        return ABSENT
+    try:
+        return parse_hhmm(node.value)
+    except ValueError as e:
+        r.error(node, f"{where}: {e}")
+        return ABSENT

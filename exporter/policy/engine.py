@@ -288,11 +288,15 @@ class PolicyEngine:
     # ----------------------------------------------------------------- reload
 
     def reload(self) -> bool:
-        """Re-read the policy file (SIGHUP). An invalid file keeps the old policy."""
+        """Re-read the policy file (SIGHUP). Any failure keeps the old policy and reports 0.
+
+        Whatever goes wrong, the reload thread must not die with last_reload_successful at 1.
+        """
         try:
             new = load_policy(self._path)
-        except PolicyError as e:
-            for problem in e.problems:
+        except Exception as e:  # PolicyError, and anything the loader failed to foresee
+            problems = e.problems if isinstance(e, PolicyError) else [f"{self._path}: {type(e).__name__}: {e}"]
+            for problem in problems:
                 log.error("policy reload failed, keeping the previous policy: %s", problem)
             with self._lock:
                 self._reload_ok = False
@@ -385,7 +389,17 @@ def _decision_text(d: Decision) -> str:
     return d.action
 
 
+def _shown(text: str) -> str:
+    """``text`` with every non-printable character escaped as in a Python literal.
+
+    Domain, disk and image names come from whoever created the domain: a newline or a terminal
+    escape in one must not forge rows of the table or rewrite the operator's terminal.
+    """
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    rows = [tuple(_shown(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     out = []
     for r in [header, *rows]:
@@ -415,7 +429,7 @@ def format_plan_table(plan: Plan) -> str:
         # The match reason can be long (paths); it goes on its own line under each row.
         for row, d in zip(table[1:], plan.decisions):
             lines.append(row)
-            lines.append(f"    matched: {d.match_reason}")
+            lines.append(f"    matched: {_shown(d.match_reason)}")
     else:
         lines.append("No disk matches any rule.")
     if plan.unmatched:
