@@ -39,6 +39,7 @@ from .model import (
     PollAnswer,
     Snapshot,
 )
+from .libvirt_readers import JobReaders, Target
 from .selfstats import SelfStats
 from .state import State
 
@@ -124,19 +125,24 @@ class _EventLoop:
 
     @staticmethod
     def call_soon(fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop thread after every event libvirt has already received.
+        """Run ``fn`` on the loop thread after every event that had reached this host's sockets.
 
-        libvirt's client queues each event it reads (also the ones an RPC thread reads ahead of
-        its reply) and arms a zero timer to dispatch them; the loop fires due timers in the order
-        they were added, and this one is added last. So ``fn`` runs after the callbacks of every
-        event that reached us before the answers read so far: that is what puts poll answers
-        behind the events libvirt sent before them.
+        libvirt's client queues each event it reads and arms a zero timer to dispatch it; the
+        loop fires due timers in the order they were added, before it reads the sockets that
+        poll() found readable. So ``fn`` waits one whole iteration (which reads every event
+        already in a socket) and then fires behind the timers that dispatch them: poll answers,
+        read on the readers' own connections, are applied behind every event libvirtd sent
+        before them.
         """
-        def fire(timer: int, _opaque: object) -> None:
+        def fire(timer: int, hops: list[int]) -> None:
             libvirt.virEventRemoveTimeout(timer)
-            fn()
+            if hops[0]:
+                hops[0] -= 1
+                libvirt.virEventAddTimeout(0, fire, hops)
+            else:
+                fn()
 
-        libvirt.virEventAddTimeout(0, fire, None)
+        libvirt.virEventAddTimeout(0, fire, [1])
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -207,29 +213,6 @@ def _instance_of(dom: libvirt.virDomain) -> DomainInstance:
 
 
 @dataclass(frozen=True)
-class _Target:
-    """One disk to read, through the handle of the run of its domain that the inventory saw."""
-
-    domain: str
-    handle: libvirt.virDomain
-    disk: str
-    instance: DomainInstance
-
-    @property
-    def key(self) -> DiskKey:
-        return (self.domain, self.disk)
-
-
-@dataclass(frozen=True)
-class _Read:
-    """One ``blockJobInfo`` call: libvirt's answer (a dict) or the error it raised."""
-
-    target: _Target
-    result: dict | libvirt.libvirtError
-    call_started: float
-
-
-@dataclass(frozen=True)
 class _Ordered:
     """A state change from the poller, applied by the dispatcher in line with the events."""
 
@@ -272,16 +255,15 @@ class LibvirtHost:
         self._domains: dict[str, libvirt.virDomain] = {}
         self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
         self._disks_by_domain: dict[str, tuple[str, ...]] = {}
-        self._targets: list[_Target] | None = None  # None = rebuild
+        self._targets: list[Target] | None = None  # None = rebuild
         self._ever_connected = False
         self._last_inventory = 0.0
         self._threads: list[threading.Thread] = []
         self._warn = _RateLimitedLog()
-        self._call_timeout = max(1.0, 2 * poll_interval)
-        self._unresponsive_lock = threading.Lock()
-        self._unresponsive: set[str] = set()
         self._event_loop: _EventLoop | None = None
-        self._reader: _JobInfoReader | None = None
+        self._readers = JobReaders(uri or None, stats, call_timeout=max(1.0, 2 * poll_interval),
+                                   patience=max(0.05, poll_interval / 10), on_unresponsive=state.set_unresponsive,
+                                   wake=self._wake.set)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -298,9 +280,6 @@ class LibvirtHost:
         self._events.put(None)
         for thread in self._threads:
             thread.join(timeout)
-        if self._reader is not None:
-            self._reader.stop()
-            self._reader = None
         self._disconnect()
 
     def set_after_cycle(self, hook: Callable[[], None] | None) -> None:
@@ -501,6 +480,7 @@ class LibvirtHost:
         return True
 
     def _disconnect(self) -> None:
+        self._readers.close()
         conn, self._conn = self._conn, None
         self._state.apply(ConnectionEvent(False, time.monotonic(), time.time()))
         if conn is None:
@@ -608,8 +588,6 @@ class LibvirtHost:
         with_job, without_job = self._poll_targets()
         with self._holding_event_loop():
             answers, complete = self._read_answers(with_job + without_job)
-        if self.unresponsive_domains():
-            complete = False  # a hung domain's jobs are unknown, not ended
         return {(a.domain, a.disk): a.info for a in answers if a.info is not None}, complete
 
     def _poll_jobs(self) -> None:
@@ -625,12 +603,12 @@ class LibvirtHost:
     def _holding_event_loop(self):
         return self._event_loop.held() if self._event_loop is not None else nullcontext()
 
-    def _poll_targets(self) -> tuple[list[_Target], list[_Target]]:
+    def _poll_targets(self) -> tuple[list[Target], list[Target]]:
         """(disks with a job, the most recently moving first; every other disk) of the running
         domains."""
         targets = self._targets
         if targets is None:
-            targets = self._targets = [_Target(name, dom, disk, _instance_of(dom))
+            targets = self._targets = [Target(name, dom, disk, _instance_of(dom))
                                        for name, dom in self._domains.items()
                                        for disk in self._disks_by_domain.get(name, ())]
         moved = self._state.job_cursor_times()
@@ -640,21 +618,13 @@ class LibvirtHost:
         with_job.sort(key=lambda t: -moved[t.key])
         return with_job, [t for t in targets if t.key not in moved]
 
-    def _read_answers(self, targets: list[_Target]) -> tuple[list[PollAnswer], bool]:
-        """One ``blockJobInfo`` call per target: (the answers, whether every call answered).
-
-        The calls run on a reader thread: a domain whose QEMU stops answering its monitor blocks
-        its call with no timeout, and the poller must walk away from it rather than freeze every
-        other job's metrics. Such a domain is skipped until its outstanding call returns.
-        """
-        with self._unresponsive_lock:
-            if self._unresponsive:  # one may have hung in an earlier batch of this cycle
-                targets = [t for t in targets if t.domain not in self._unresponsive]
+    def _read_answers(self, targets: list[Target]) -> tuple[list[PollAnswer], bool]:
+        """One ``blockJobInfo`` call per target (see ``libvirt_readers``): (the answers, whether
+        every target answered; a hung or failing domain's jobs are unknown, not ended)."""
         calls = errors = 0
-        complete = True
         gone: list[str] = []
         answers: list[PollAnswer] = []
-        reads = self._read_job_infos(targets)
+        reads, complete = self._readers.read(targets)
         try:
             for read in reads:
                 calls += 1
@@ -664,57 +634,30 @@ class LibvirtHost:
                                               job_info_from_libvirt(result) if result else None, read.call_started))
                     continue
                 errors += 1
+                complete = False
                 if result.get_error_code() in _DOMAIN_GONE_ERRORS:
                     if target.domain not in gone:
                         log.info("domain %s went away during the poll; skipping it", target.domain)
                         gone.append(target.domain)
                     continue
+                if result.get_error_domain() == libvirt.VIR_FROM_RPC:
+                    # A reader's own connection broke (libvirtd restarting, say): its readers go,
+                    # and the main connection says whether to reconnect.
+                    self._readers.close()
+                    if not self._connection_alive():
+                        raise result
+                    continue
                 if not self._connection_alive():
                     raise result
                 self._warn.warning(f"job:{target.domain}:{target.disk}", "blockJobInfo(%s, %s) failed: %s",
                                    target.domain, target.disk, result)
-                complete = False
         finally:
             self._stats.calls("blockJobInfo", calls, errors)
             if gone:
                 with self._refresh_lock:
                     self._refresh_domains.update(gone)
                 self._wake.set()
-        return answers, complete and len(reads) == len(targets)
-
-    def _read_job_infos(self, targets: list[_Target]) -> list[_Read]:
-        results: list[_Read] = []
-        position = 0
-        while position < len(targets):
-            reader = self._reader
-            if reader is None:
-                reader = self._reader = _JobInfoReader(self._answered_again)
-                reader.start()
-            stuck_at = reader.read(targets[position:], self._call_timeout, results)
-            if stuck_at is None:
-                break
-            self._reader = None  # left to its hung call; the next read starts a new one
-            name = targets[position + stuck_at].domain
-            with self._unresponsive_lock:
-                self._unresponsive.add(name)
-                self._state.set_unresponsive(frozenset(self._unresponsive))
-            self._warn.warning(f"stuck:{name}", "blockJobInfo on %s has not answered for %.1fs; skipping the "
-                               "domain until it does", name, self._call_timeout)
-            position += stuck_at + 1
-            while position < len(targets) and targets[position].domain == name:
-                position += 1
-        return results
-
-    def _answered_again(self, name: str) -> None:
-        with self._unresponsive_lock:
-            self._unresponsive.discard(name)
-            self._state.set_unresponsive(frozenset(self._unresponsive))
-        log.info("domain %s answers blockJobInfo again", name)
-        self._wake.set()
-
-    def unresponsive_domains(self) -> int:
-        with self._unresponsive_lock:
-            return len(self._unresponsive)
+        return answers, complete
 
     # ------------------------------------------------------------------ actions (policy, enforcing)
 
@@ -772,95 +715,6 @@ class _DomainGone(Exception):
     pass
 
 
-class _JobInfoReader(threading.Thread):
-    """Reads ``blockJobInfo`` for lists of disks, so that its caller can give up on a hung call.
-
-    One reader serves cycle after cycle. A blocked libvirt call cannot be interrupted; the caller
-    abandons the reader instead (and starts another), and the abandoned reader drops the late
-    answer, reports the domain as answering again when it comes, and exits.
-    """
-
-    _FLAGS = libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
-
-    def __init__(self, answered_again: Callable[[str], None]) -> None:
-        super().__init__(name="blockjob-reader", daemon=True)
-        self._answered_again = answered_again
-        self._lock = threading.Lock()
-        self._targets: list[_Target] | None = []
-        self._results: list[_Read] = []
-        self._position = 0
-        self._call_started: float | None = None
-        self._abandoned = False
-        self._go = threading.Event()
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while True:
-            self._go.wait()
-            self._go.clear()
-            targets = self._targets
-            if targets is None:
-                return
-            try:
-                if not self._read(targets):
-                    return
-            finally:
-                self._done.set()
-
-    def _read(self, targets: list[_Target]) -> bool:
-        """False once abandoned: the thread then ends."""
-        monotonic = time.monotonic
-        lock = self._lock
-        results = self._results
-        for index, target in enumerate(targets):
-            if self._abandoned:
-                return False
-            # No lock: the caller reads these two under the lock below and only acts on a
-            # started call, and the position is written first.
-            self._position = index
-            self._call_started = started = monotonic()
-            try:
-                outcome = target.handle.blockJobInfo(target.disk, self._FLAGS)
-            except libvirt.libvirtError as err:
-                outcome = err
-            with lock:
-                late = self._abandoned
-                if not late:
-                    results.append(_Read(target, outcome, started))
-                    self._call_started = None
-            if late:
-                self._answered_again(target.domain)
-                return False
-        return True
-
-    def read(self, targets: list[_Target], call_timeout: float, results: list[_Read]) -> int | None:
-        """Reads ``targets`` into ``results``; returns None when all were read, else the index of
-        the call that hung (the reader is then abandoned and must not be used again)."""
-        with self._lock:
-            self._targets = targets
-            self._results = []
-            self._position = 0
-            self._call_started = None
-        self._done.clear()
-        self._go.set()
-        while not self._done.wait(min(0.05, call_timeout)):
-            with self._lock:
-                started = self._call_started
-                if started is None or time.monotonic() - started <= call_timeout:
-                    continue
-                self._abandoned = True
-                results.extend(self._results)
-                return self._position
-        with self._lock:
-            results.extend(self._results)
-        return None
-
-    def stop(self) -> None:
-        with self._lock:
-            self._targets = None
-        self._go.set()
-
-
 def open_read_only_for_plan(uri: str) -> "PlanReader":
     """A one-shot reader for ``policy plan``: inventory and jobs, no events."""
     return PlanReader(uri)
@@ -869,12 +723,16 @@ def open_read_only_for_plan(uri: str) -> "PlanReader":
 class PlanReader:
     def __init__(self, uri: str) -> None:
         libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
+        self._uri = uri
         self._conn = libvirt.openReadOnly(uri)
 
     def read(self, state: State) -> None:
-        host = LibvirtHost(uri="", state=state, stats=SelfStats())
+        host = LibvirtHost(uri=self._uri, state=state, stats=SelfStats())
         host._conn = self._conn
-        host._resync()
+        try:
+            host._resync()
+        finally:
+            host._readers.close()
         state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
 
     def close(self) -> None:

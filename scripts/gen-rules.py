@@ -38,6 +38,7 @@ SCHEMA: dict[str, Any] = {
     "libvirt_down": {"for": "duration", "severity": "severity"},
     "failed": {"window": "duration", "for": "duration", "severity": "severity"},
     "stalled": {"after": "duration", "for": "duration", "severity": "severity"},
+    "unresponsive": {"for": "duration", "severity": "severity"},
     "slow": {"eta": "duration", "for": "duration", "severity": "severity"},
     "backing_chain": {"depth": "count0", "for": "duration", "severity": "severity"},
     "policy_errors": {"count": "count1", "window": "duration", "for": "duration", "severity": "severity"},
@@ -223,6 +224,8 @@ or
 )
 unless on (job, instance, domain, disk, job_type)
 libvirt_blockjob_ready{{{sel}}} == 1
+unless on (job, instance, domain)
+libvirt_blockjob_domain_unresponsive{{{sel}}} == 1
 """
 
     p = t["policy_errors"]
@@ -247,6 +250,12 @@ libvirt_blockjob_ready{{{sel}}} == 1
                "A libvirt block job makes no progress.",
                f"The {job} {where} has not moved its cursor for {{{{ $value | humanizeDuration }}}} "
                f"(threshold {s['after']}) and is not ready to pivot."),
+        _alert("LibvirtBlockJobDomainUnresponsive",
+               f"libvirt_blockjob_domain_unresponsive{{{sel}}} == 1", t["unresponsive"], t,
+               "A domain's QEMU does not answer, so its block jobs cannot be watched.",
+               f"blockJobInfo for domain {{{{ $labels.domain }}}} on {{{{ $labels.instance }}}} has not answered "
+               f"for more than {t['unresponsive']['for']}: its QEMU monitor hangs (the guest, not a job). Its "
+               f"jobs' metrics keep their last values; every other domain is still watched."),
         _alert("LibvirtBlockJobSlow",
                f"libvirt_blockjob:eta_seconds:rate5m{{{sel}}} > {_seconds(t['slow']['eta'])}",
                t["slow"], t,

@@ -1,5 +1,6 @@
-"""The poller's reader thread with stand-in domains: reuse across cycles, walking away from a hung
-call, and the hung domain coming back. The real hung QEMU is in test_integration_core.py."""
+"""The readers with stand-in domains: reuse across cycles, moving on from a slow call at once,
+naming a hung domain only past the call timeout, late answers, bounded readers. The real hung QEMU
+is in test_integration_core.py."""
 
 from __future__ import annotations
 
@@ -10,94 +11,120 @@ import pytest
 
 pytest.importorskip("libvirt")
 
-from exporter.libvirt_host import LibvirtHost, _JobInfoReader, _Target  # noqa: E402
-from exporter.model import DomainInstance  # noqa: E402
+from exporter.libvirt_host import LibvirtHost  # noqa: E402
+from exporter.libvirt_readers import JobReaders, Target  # noqa: E402
+from exporter.model import DiskInfo, DomainInstance, JobInfo  # noqa: E402
 from exporter.selfstats import SelfStats  # noqa: E402
 from exporter.state import State  # noqa: E402
 
+JOB = {"type": 1, "cur": 5, "end": 10, "bandwidth": 0}
+
 
 class FakeDomain:
-    def __init__(self, job: dict | None = None, gate: threading.Event | None = None) -> None:
+    def __init__(self, name: str = "x", job: dict | None = None, gate: threading.Event | None = None,
+                 delay: float = 0.0) -> None:
+        self.name = name
         self.job = job or {}
         self.gate = gate
-        self.threads: list[str] = []
+        self.delay = delay
+        self.threads: list[int] = []
 
     def blockJobInfo(self, disk, flags):  # noqa: N802 - libvirt's name
-        self.threads.append(threading.current_thread().name + str(threading.get_ident()))
+        self.threads.append(threading.get_ident())
         if self.gate is not None:
             self.gate.wait(10)
+        if self.delay:
+            time.sleep(self.delay)
         return self.job
 
+    def UUIDString(self):  # noqa: N802
+        return f"uuid-{self.name}"
 
-def target(name, dom, disk):
-    return _Target(name, dom, disk, DomainInstance(f"uuid-{name}", 1))
+    def ID(self):  # noqa: N802
+        return 1
 
 
-def named(reads):
+def targets(domains: dict, disks: dict) -> list[Target]:
+    return [Target(n, domains[n], d, DomainInstance(f"uuid-{n}", 1)) for n in domains for d in disks[n]]
+
+
+def named(reads) -> list[tuple[str, str]]:
     return [(r.target.domain, r.target.disk) for r in reads]
 
 
-def test_one_reader_serves_cycle_after_cycle():
-    answered = []
-    reader = _JobInfoReader(answered.append)
-    reader.start()
-    dom = FakeDomain({"type": 1, "cur": 1, "end": 2, "bandwidth": 0})
-    try:
-        for _ in range(3):
-            results: list = []
-            assert reader.read([target("a", dom, "vda"), target("a", dom, "vdb")], 1.0, results) is None
-            assert [(r.target.domain, r.target.disk, r.result) for r in results] == [("a", "vda", dom.job),
-                                                                                     ("a", "vdb", dom.job)]
-        assert len(set(dom.threads)) == 1 and len(dom.threads) == 6
-    finally:
-        reader.stop()
-        reader.join(2)
-    assert not reader.is_alive() and answered == []
+@pytest.fixture
+def readers():
+    """Readers that call the stand-in handles (no connection); poll interval 1 s: patience 0.1 s,
+    call timeout 2 s. Records what they name unresponsive."""
+    seen: list[frozenset] = []
+    pool = JobReaders(None, SelfStats(), call_timeout=2.0, patience=0.1, on_unresponsive=seen.append,
+                      wake=lambda: None)
+    pool.seen = seen
+    yield pool
+    pool.close()
 
 
-def test_a_hung_call_is_left_behind_and_reported_when_it_answers():
+def test_one_reader_serves_cycle_after_cycle(readers):
+    dom = FakeDomain("a", JOB)
+    for _ in range(3):
+        reads, complete = readers.read(targets({"a": dom}, {"a": ("vda", "vdb")}))
+        assert complete and [(r.target.disk, r.result) for r in reads] == [("vda", JOB), ("vdb", JOB)]
+    assert len(set(dom.threads)) == 1 and len(dom.threads) == 6
+
+
+def test_a_hung_domain_delays_the_others_only_by_the_patience_and_is_named_after_the_timeout(readers):
     gate = threading.Event()
-    answered = []
-    reader = _JobInfoReader(answered.append)
-    reader.start()
-    results: list = []
+    domains = {"a": FakeDomain("a"), "hung": FakeDomain("hung", gate=gate), "z": FakeDomain("z")}
+    disks = {"a": ("vda",), "hung": ("vda", "vdb"), "z": ("vda",)}
     started = time.monotonic()
-    stuck = reader.read([target("ok", FakeDomain(), "vda"), target("hung", FakeDomain(gate=gate), "vda"),
-                         target("later", FakeDomain(), "vda")], 0.2, results)
-    assert stuck == 1 and named(results) == [("ok", "vda")]
-    assert time.monotonic() - started < 2
-    gate.set()
-    reader.join(5)
-    assert not reader.is_alive() and answered == ["hung"]
-
-
-def test_the_poller_skips_a_hung_domain_until_it_answers_and_reads_the_rest():
-    gate = threading.Event()
-    host = LibvirtHost("qemu:///nowhere", State(), SelfStats(), poll_interval=0.1)  # call timeout 1 s
-    hung = FakeDomain(gate=gate)
-    host._domains = {"a": FakeDomain(), "hung": hung, "z": FakeDomain()}
-    host._disks_by_domain = {"a": ("vda",), "hung": ("vda", "vdb"), "z": ("vda",)}
-    first = host._read_job_infos([target(n, host._domains[n], d) for n in ("a", "hung", "z")
-                                  for d in host._disks_by_domain[n]])
-    assert named(first) == [("a", "vda"), ("z", "vda")]  # both of hung's disks skipped
-    assert host.unresponsive_domains() == 1
-    abandoned = [t for t in threading.enumerate() if t.name == "blockjob-reader"]
+    reads, complete = readers.read(targets(domains, disks))
+    assert time.monotonic() - started < 0.5
+    assert named(reads) == [("a", "vda"), ("z", "vda")] and not complete  # both of hung's disks skipped
+    assert readers.unresponsive() == frozenset()  # slow, not named yet
+    started = time.monotonic()
+    reads, complete = readers.read(targets(domains, disks))  # skipped while its call is out
+    assert named(reads) == [("a", "vda"), ("z", "vda")] and time.monotonic() - started < 0.1
+    time.sleep(2.1)
+    readers.read(targets(domains, disks))
+    assert readers.unresponsive() == {"hung"} and readers.seen[-1] == {"hung"}  # only the hung one
     gate.set()
     deadline = time.monotonic() + 5
-    while host.unresponsive_domains() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert host.unresponsive_domains() == 0
-    second = host._read_job_infos([target(n, host._domains[n], d) for n in ("a", "hung", "z")
-                                   for d in host._disks_by_domain[n]])
-    assert named(second) == [("a", "vda"), ("hung", "vda"), ("hung", "vdb"), ("z", "vda")]
-    host._reader.stop()
-    for thread in abandoned:
-        thread.join(2)
+    while readers.outstanding() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert readers.unresponsive() == frozenset() and readers.seen[-1] == frozenset()
+    reads, complete = readers.read(targets(domains, disks))
+    assert complete and named(reads) == [("a", "vda"), ("hung", "vda"), ("hung", "vdb"), ("z", "vda")]
+    assert all(name == frozenset() or name == {"hung"} for name in readers.seen)
+
+
+def test_a_slow_domain_is_not_named_and_its_late_answer_comes_with_the_next_read(readers):
+    domains = {"a": FakeDomain("a"), "slow": FakeDomain("slow", JOB, delay=0.3), "z": FakeDomain("z")}
+    disks = {n: ("vda",) for n in domains}
+    reads, _ = readers.read(targets(domains, disks))
+    assert [r.target.domain for r in reads] == ["a", "z"]
+    time.sleep(0.4)
+    assert not readers.outstanding() and readers.unresponsive() == frozenset()
+    reads, _ = readers.read(targets(domains, disks))
+    assert (reads[0].target.domain, reads[0].result) == ("slow", JOB)  # the late answer first
+    assert readers.seen == []
+
+
+def test_many_slow_calls_use_a_bounded_number_of_readers_and_every_answer_arrives(readers):
+    domains = {f"d{i}": FakeDomain(f"d{i}", delay=0.15) for i in range(8)}
+    disks = {n: ("vda",) for n in domains}
+    before = threading.active_count()
+    seen, peak = set(), 0
+    for _ in range(3):
+        seen.update(r.target.domain for r in readers.read(targets(domains, disks))[0])
+        peak = max(peak, threading.active_count() - before)
+        time.sleep(0.3)
+    seen.update(r.target.domain for r in readers.read([])[0])
+    assert seen == set(domains)
+    assert peak <= 4, peak
+    assert readers.unresponsive() == frozenset()
 
 
 def test_disks_with_a_moving_job_are_read_and_applied_first():
-    from exporter.model import DiskInfo, JobInfo
-
     clock = [1000.0]
     state = State(clock=lambda: clock[0])
     names = ("idle", "crawl", "moving")
@@ -106,29 +133,22 @@ def test_disks_with_a_moving_job_are_read_and_applied_first():
     clock[0] = 1001.0
     state.apply_poll("moving", "vda", JobInfo("pull", 1, 10, 0), 0.0)
     host = LibvirtHost("qemu:///nowhere", state, SelfStats())
+    host._readers = JobReaders(None, SelfStats(), 2.0, 0.1, state.set_unresponsive, lambda: None)
     order = []
 
     class Recording(FakeDomain):
-        def __init__(self, name, job):
-            super().__init__(job)
-            self.name = name
-
-        def UUIDString(self):  # noqa: N802
-            return f"uuid-{self.name}"
-
-        def ID(self):  # noqa: N802
-            return 1
-
         def blockJobInfo(self, disk, flags):  # noqa: N802
             # What the state shows for "moving" when its own call is made tells whether the
             # first batch was applied before the second was read.
             order.append((self.name, state.snapshot().jobs.get(("moving", "vda")).cur))
             return self.job
 
-    host._domains = {"idle": Recording("idle", {}),
+    host._domains = {"idle": Recording("idle"),
                      "crawl": Recording("crawl", {"type": 1, "cur": 1, "end": 10, "bandwidth": 1}),
                      "moving": Recording("moving", {"type": 1, "cur": 5, "end": 10, "bandwidth": 0})}
     host._disks_by_domain = {n: ("vda",) for n in names}
-    host._poll_jobs()
+    try:
+        host._poll_jobs()
+    finally:
+        host._readers.close()
     assert order == [("moving", 1), ("crawl", 1), ("idle", 5)]
-    host._reader.stop()
