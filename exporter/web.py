@@ -11,7 +11,7 @@ garbage). What they leave out is added here, per connection:
 - a cap on open connections (at most the open-file limit less a reserve): one more is answered
   503 (plain HTTP) or closed (TLS) at once; the soft ``RLIMIT_NOFILE`` is raised to the hard limit
   at start, and an ``accept()`` that still fails for want of descriptors pauses accepting for 1 s
-  (asyncio's back-off) and is logged once per episode;
+  and is logged once (``_Listener``: asyncio's own accept loop multiplies its retries);
 - at most 64 KiB of request line and headers, answered 431 beyond (h11 bounds only a head that
   is still incomplete, so it is never fed more than that);
 - plain HTTP sent to the TLS port gets Go's plain-text 400 answer (the TLS layer is asyncio's
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -235,35 +236,71 @@ class _Settings:
         return self.tls
 
 
-class _Connections:
-    """Open connections against the cap; logs refusals and descriptor exhaustion once per episode."""
+class _Listener:
+    """The accept loop: asyncio's own retries a failed ``accept()`` once per queued connection
+    (up to the backlog, 2048 under uvicorn) and each retry schedules another, so on EMFILE its
+    timers multiply; here accepting pauses for 1 s, once, and the first failure is logged."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, face: "WebServer", sock: socket.socket, limit: int) -> None:
+        self._face = face
+        self._sock = sock
         self.limit = limit
+        self.count = 0  # connections accepted and not yet lost
         self.open: set[asyncio.BaseTransport] = set()
         self._refusing = False
-        self.out_of_fds = False
+        self._out_of_fds_logged = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._factory: Callable[[], asyncio.Protocol] | None = None
 
-    def admit(self, transport: asyncio.BaseTransport) -> bool:
-        if len(self.open) >= self.limit:
-            if not self._refusing:
-                self._refusing = True
-                log.warning("%d connections open, the most allowed; refusing new ones until some close",
-                            self.limit)
-            return False
-        self._refusing = self.out_of_fds = False
-        self.open.add(transport)
-        return True
+    def start(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol]) -> None:
+        self._loop, self._factory = loop, factory
+        loop.add_reader(self._sock, self._accept)
 
-    def loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _OUT_OF_FDS and "accept" in context.get("message", ""):
-            if not self.out_of_fds:
-                self.out_of_fds = True
-                log.error("accept() failed: %s; pausing new connections for 1 s at a time until "
-                          "descriptors are free (%d connections open)", exc.strerror, len(self.open))
-            return
-        loop.default_exception_handler(context)
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock)
+
+    def _accept(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        for _ in range(128):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                if e.errno not in _OUT_OF_FDS:
+                    raise
+                if not self._out_of_fds_logged:
+                    self._out_of_fds_logged = True
+                    log.error("accept() failed: %s; new connections wait, retried every second "
+                              "(%d connections open; logged once)", e.strerror, self.count)
+                loop.remove_reader(self._sock)
+                loop.call_later(1.0, loop.add_reader, self._sock, self._accept)
+                return
+            if self.count >= self.limit:
+                if not self._refusing:
+                    self._refusing = True
+                    log.warning("%d connections open, the most allowed; refusing new ones until some "
+                                "close", self.limit)
+                if self._face.settings.tls is None:
+                    with contextlib.suppress(OSError):
+                        conn.send(_TOO_MANY)
+                conn.close()
+                continue
+            self._refusing = False
+            self.count += 1
+            conn.setblocking(False)
+            loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        assert self._loop is not None and self._factory is not None
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except Exception as e:  # the client went away at once
+            log.debug("connection setup failed: %s", e)
+            self.count -= 1
+            conn.close()
 
 
 class _HTTP(H11Protocol):
@@ -277,17 +314,17 @@ class _HTTP(H11Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # of the request head being received
 
-    def opened(self, raw: asyncio.BaseTransport) -> bool:
+    def opened(self, raw: asyncio.BaseTransport) -> None:
         self._raw = raw
-        if not self._face.connections.admit(raw):
-            return False
+        self._face.listener.open.add(raw)
         self._arm()
-        return True
 
     def closed(self) -> None:
         self._disarm()
         if self._raw is not None:
-            self._face.connections.open.discard(self._raw)
+            self._face.listener.open.discard(self._raw)
+            self._face.listener.count -= 1
+            self._raw = None
 
     def _arm(self) -> None:
         self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._too_slow)
@@ -304,10 +341,8 @@ class _HTTP(H11Protocol):
             self._raw.abort()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if self._raw is None and not self.opened(transport):  # plain HTTP
-            transport.write(_TOO_MANY)
-            transport.close()
-            return
+        if self._raw is None:  # plain HTTP
+            self.opened(transport)
         tls = self._face.settings.cfg.tls_server_config if self._face.settings.cfg else None
         if tls is not None and not client_cert_allowed(tls, transport.get_extra_info("peercert")):
             log.debug("client certificate has no allowed SAN; closing")
@@ -317,7 +352,7 @@ class _HTTP(H11Protocol):
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._raw is self.transport or not self._made:
+        if self._raw is self.transport:  # plain HTTP
             self.closed()
         if self._made:
             super().connection_lost(exc)
@@ -355,19 +390,14 @@ class _TLS(sslproto.SSLProtocol):
         super().__init__(loop, app, context, None, server_side=True,
                          ssl_handshake_timeout=HEADER_TIMEOUT_SECONDS)
         self._http = app
-        self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._http.opened(transport):
-            transport.abort()
-            return
-        self._admitted = True
+        self._http.opened(transport)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._http.closed()
-        if self._admitted:
-            super().connection_lost(exc)
+        super().connection_lost(exc)
 
     def _on_handshake_complete(self, handshake_exc: Exception | None) -> None:
         if isinstance(handshake_exc, ssl.SSLError) and handshake_exc.reason == "HTTP_REQUEST" \
@@ -410,7 +440,7 @@ class WebServer:
         self.landing_page = _landing_page(landing_title, version, telemetry_path, landing_links)
         self.settings = _Settings(web_config)
         self.max_connections = max_connections
-        self.connections = _Connections(max_connections)
+        self.listener: _Listener | None = None
         self._server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -473,9 +503,8 @@ class WebServer:
 
     # ------------------------------------------------------------------ life cycle
 
-    def _protocol(self, config: uvicorn.Config, server_state, app_state, _loop=None) -> asyncio.Protocol:
-        loop = _loop or asyncio.get_running_loop()
-        http = _HTTP(self, config=config, server_state=server_state, app_state=app_state, _loop=loop)
+    def _protocol(self, config: uvicorn.Config, server_state, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+        http = _HTTP(self, config=config, server_state=server_state, app_state={}, _loop=loop)
         if self.settings.tls is None:
             return http
         return _TLS(loop, http, self.settings.tls_context())
@@ -484,35 +513,40 @@ class WebServer:
         if self._server is not None:
             raise RuntimeError("WebServer already started")
         limit = _raise_fd_limit()
-        if limit is not None:
-            self.connections.limit = max(1, min(self.max_connections, limit - FD_RESERVE))
         try:
             sock = _listen(self._host, self._port)
         except OSError as e:
             raise OSError(e.errno, f"cannot listen on {self.listen_address}: {e.strerror or e}") from e
+        cap = self.max_connections if limit is None else max(1, min(self.max_connections, limit - FD_RESERVE))
+        self.listener = _Listener(self, sock, cap)
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("uvicorn.error").setLevel(logging.ERROR)  # one line per bad request otherwise
+        # uvicorn parses and answers; the listening socket is served by _Listener, not by uvicorn.
         config = uvicorn.Config(
-            self, http=self._protocol, ws="none", lifespan="off", interface="asgi3", log_config=None,
-            access_log=False, proxy_headers=False, server_header=False, date_header=True,
+            self, http="h11", ws="none", lifespan="off", interface="asgi3", log_config=None, access_log=False,
+            proxy_headers=False, server_header=False, date_header=True,
             timeout_keep_alive=int(IDLE_TIMEOUT_SECONDS), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             timeout_graceful_shutdown=2)
         server = uvicorn.Server(config)
         self._server, self._sock = server, sock
-        self._thread = threading.Thread(target=self._serve, args=(server, sock), name="web-server", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(server,), name="web-server", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.005)
         log.info("listening on %s (%s), at most %d connections", self.listen_address,
-                 "https" if self.settings.tls else "http", self.connections.limit)
+                 "https" if self.settings.tls else "http", cap)
 
-    def _serve(self, server: uvicorn.Server, sock: socket.socket) -> None:
+    def _serve(self, server: uvicorn.Server) -> None:
+        listener = self.listener
+        assert listener is not None
         loop = asyncio.new_event_loop()
-        loop.set_exception_handler(self.connections.loop_error)
+        asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(server.serve(sockets=[sock]))
-            for transport in list(self.connections.open):  # e.g. in a TLS handshake: not uvicorn's
+            listener.start(loop, lambda: self._protocol(server.config, server.server_state, loop))
+            loop.run_until_complete(server.serve(sockets=[]))
+            listener.stop()
+            for transport in list(listener.open):  # e.g. in a TLS handshake: not uvicorn's
                 transport.abort()
             loop.run_until_complete(asyncio.sleep(0))
         finally:
