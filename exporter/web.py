@@ -44,6 +44,7 @@ import ssl
 import threading
 import time
 from asyncio import sslproto
+from email.utils import formatdate
 from typing import Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
@@ -51,6 +52,7 @@ import bcrypt
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
 from .webconfig import WebConfig, WebConfigError, build_ssl_context, client_cert_allowed, load_web_config
 
@@ -406,6 +408,17 @@ class _TLS(sslproto.SSLProtocol):
         super()._on_handshake_complete(handshake_exc)
 
 
+_date: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date[1]
+
+
 def _accepts_gzip(accept_encoding: str) -> bool:
     """gzip listed with a q-value above 0 (prometheus_client's own check ignores ``q=0``)."""
     for part in accept_encoding.split(","):
@@ -441,7 +454,8 @@ class WebServer:
         self.settings = _Settings(web_config)
         self.max_connections = max_connections
         self.listener: _Listener | None = None
-        self._server: uvicorn.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -464,7 +478,7 @@ class WebServer:
 
         async def respond(status: int, body: bytes, content_type: bytes, more: Sequence = ()) -> None:
             await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", content_type),
+                        "headers": [(b"date", _http_date()), (b"content-type", content_type),
                                     (b"content-length", str(len(body)).encode()), *more, *extra]})
             await send({"type": "http.response.body", "body": body})
 
@@ -503,14 +517,14 @@ class WebServer:
 
     # ------------------------------------------------------------------ life cycle
 
-    def _protocol(self, config: uvicorn.Config, server_state, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
-        http = _HTTP(self, config=config, server_state=server_state, app_state={}, _loop=loop)
+    def _protocol(self, config: uvicorn.Config, state: ServerState, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+        http = _HTTP(self, config=config, server_state=state, app_state={}, _loop=loop)
         if self.settings.tls is None:
             return http
         return _TLS(loop, http, self.settings.tls_context())
 
     def start(self) -> None:
-        if self._server is not None:
+        if self._thread is not None:
             raise RuntimeError("WebServer already started")
         limit = _raise_fd_limit()
         try:
@@ -521,35 +535,42 @@ class WebServer:
         self.listener = _Listener(self, sock, cap)
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("uvicorn.error").setLevel(logging.ERROR)  # one line per bad request otherwise
-        # uvicorn parses and answers; the listening socket is served by _Listener, not by uvicorn.
+        # uvicorn's protocol parses and answers. Not its Server: that wakes ten times a second to
+        # refresh the Date header (written per response here) and accepts as asyncio does.
         config = uvicorn.Config(
-            self, http="h11", ws="none", lifespan="off", interface="asgi3", log_config=None, access_log=False,
-            proxy_headers=False, server_header=False, date_header=True,
-            timeout_keep_alive=int(IDLE_TIMEOUT_SECONDS), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-            timeout_graceful_shutdown=2)
-        server = uvicorn.Server(config)
-        self._server, self._sock = server, sock
-        self._thread = threading.Thread(target=self._serve, args=(server,), name="web-server", daemon=True)
+            self, http="h11", ws="none", lifespan="off", interface="asgi3", log_config=None,
+            access_log=False, proxy_headers=False, server_header=False, date_header=False,
+            timeout_keep_alive=int(IDLE_TIMEOUT_SECONDS), h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+        config.load()
+        self._sock = sock
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(config, started), name="web-server",
+                                        daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        started.wait(10)
         log.info("listening on %s (%s), at most %d connections", self.listen_address,
                  "https" if self.settings.tls else "http", cap)
 
-    def _serve(self, server: uvicorn.Server) -> None:
+    def _serve(self, config: uvicorn.Config, started: threading.Event) -> None:
         listener = self.listener
         assert listener is not None
+        state = ServerState()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        self._loop, self._stop = loop, asyncio.Event()
         try:
-            listener.start(loop, lambda: self._protocol(server.config, server.server_state, loop))
-            loop.run_until_complete(server.serve(sockets=[]))
+            listener.start(loop, lambda: self._protocol(config, state, loop))
+            started.set()
+            loop.run_until_complete(self._stop.wait())
             listener.stop()
-            for transport in list(listener.open):  # e.g. in a TLS handshake: not uvicorn's
+            for connection in list(state.connections):  # closes idle ones, ends the others after their answer
+                connection.shutdown()
+            loop.run_until_complete(_drain(state, 2.0))
+            for transport in list(listener.open):
                 transport.abort()
             loop.run_until_complete(asyncio.sleep(0))
         finally:
+            started.set()
             loop.close()
 
     @property
@@ -560,15 +581,23 @@ class WebServer:
         return str(host), int(port)
 
     def shutdown(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
-        server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._stop.set)
+        thread.join(timeout=10)
         if self._sock is not None:
             self._sock.close()
+
+
+async def _drain(state: ServerState, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (state.connections or state.tasks) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    for task in state.tasks:
+        task.cancel()
 
 
 def _raise_fd_limit() -> int | None:
