@@ -19,7 +19,7 @@ garbage). What they leave out is added here, per connection:
 
 The web config file is re-read when it changes (its stat is checked on every request): users,
 headers and the rate limit apply to the next request, TLS settings to the next connection;
-certificate, key and client CA files are also watched (checked at most once a second). A file
+certificate, key and client CA files are watched the same way (on each new connection). A file
 that no longer loads is logged and the previous config kept. Turning TLS on or off needs a restart.
 
 Only GET and HEAD are served; there is no control action over HTTP.
@@ -78,7 +78,6 @@ _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: te
               b"Content-Length: 26\r\nConnection: close\r\n\r\nRequest headers too large\n")
 # What Go's net/http writes when a TLS server receives plain HTTP.
 _PLAIN_TO_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 Exposition = Callable[[str | None, Sequence[str]], tuple[bytes, str]]
 
@@ -87,19 +86,18 @@ class _BasicAuth:
     """bcrypt verification with exporter-toolkit's protections.
 
     An unknown user is checked against a decoy hash made once at start at a fixed cost, so timing
-    tells little about which users exist and nothing slow ever runs under a lock others wait on.
-    Successful (user, password) pairs are remembered under an HMAC with a per-process key, so a
-    scrape does not pay bcrypt each time and no fast password hash is kept. bcrypt runs in a worker
-    thread, one at a time, so a flood of bad passwords burns one core and never the event loop.
+    tells little about which users exist. Successful (user, password) pairs are remembered under
+    an HMAC with a per-process key, so a scrape does not pay bcrypt each time, reads the cache
+    without a lock and no fast password hash is kept. bcrypt runs in a worker thread, one at a
+    time, so a flood of bad passwords burns one core, never the event loop or a cached login.
     """
 
     def __init__(self, users: Sequence[tuple[str, str]], decoy: bytes) -> None:
         self._users = {u.encode("utf-8"): h.encode("ascii") for u, h in users}
         self._decoy = decoy
         self._key = secrets.token_bytes(32)
-        self._ok: dict[bytes, None] = {}  # insertion-ordered: oldest evicted first
+        self._ok: dict[bytes, None] = {}  # insertion-ordered: oldest evicted first; written under _lock
         self._lock = threading.Lock()
-        self._bcrypt_lock = threading.Lock()
 
     @staticmethod
     def credentials(authorization: str | None) -> tuple[bytes, bytes] | None:
@@ -119,19 +117,15 @@ class _BasicAuth:
         return hmac.new(self._key, key, hashlib.sha256).digest(), stored
 
     def cached(self, user: bytes, password: bytes) -> bool:
-        key, _ = self._cache_key(user, password)
-        with self._lock:
-            return key in self._ok
+        return self._cache_key(user, password)[0] in self._ok
 
     def verify(self, user: bytes, password: bytes) -> bool:
         """The slow check (bcrypt); run it off the event loop."""
         key, stored = self._cache_key(user, password)
-        with self._bcrypt_lock:
-            # bcrypt only uses 72 bytes; Go and htpasswd truncate the same way.
-            ok = bcrypt.checkpw(password[:72], stored or self._decoy)
-        if not (ok and stored):
-            return False
         with self._lock:
+            # bcrypt only uses 72 bytes; Go and htpasswd truncate the same way.
+            if not bcrypt.checkpw(password[:72], stored or self._decoy) or not stored:
+                return False
             self._ok[key] = None
             while len(self._ok) > _AUTH_CACHE_SIZE:
                 del self._ok[next(iter(self._ok))]
@@ -175,17 +169,16 @@ class _Settings:
         self.cfg = cfg
         # Made once, here, whatever the users' costs: never on a request, never under a lock.
         self._decoy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(DECOY_COST)) if cfg else b""
-        self._stamp = _stamp([cfg.path]) if cfg and cfg.path else None
         self.tls: ssl.SSLContext | None = build_ssl_context(cfg)  # a bad certificate fails start-up
-        self._tls_stamp = self._tls_files_stamp()
-        self._tls_checked = time.monotonic()
-        self.auth: _BasicAuth | None = None
+        self._stamp = self._files()
         self.limiter: _RateLimiter | None = None
         self._apply(cfg)
 
-    def _tls_files_stamp(self) -> tuple:
-        tls = self.cfg.tls_server_config if self.cfg else None
-        return _stamp(tls.watched_files) if tls else ()
+    def _files(self) -> tuple | None:
+        if self.cfg is None or not self.cfg.path:
+            return None
+        tls = self.cfg.tls_server_config
+        return _stamp([self.cfg.path, *(tls.watched_files if tls else ())])
 
     def _apply(self, cfg: WebConfig | None) -> None:
         http_cfg = cfg.http_server_config if cfg else None
@@ -200,10 +193,10 @@ class _Settings:
             self.limiter = _RateLimiter(rl.interval_seconds, rl.burst)
 
     def refresh(self) -> None:
-        """Re-read the file if it changed since the last look."""
+        """Re-read the config (and certificates) if a file changed since the last look."""
         if self._stamp is None or self.cfg is None:
             return
-        stamp = _stamp([self.cfg.path])
+        stamp = self._files()
         if stamp == self._stamp:
             return
         self._stamp = stamp
@@ -213,29 +206,12 @@ class _Settings:
                 raise WebConfigError([f"{cfg.path}: turning TLS on or off needs a restart"])
             tls = build_ssl_context(cfg)
         except (WebConfigError, OSError, ssl.SSLError) as e:
-            log.error("web config changed but cannot be used; keeping the previous one:\n%s", e)
+            log.error("web config or TLS files changed but cannot be used; keeping the previous ones:\n%s", e)
             return
         self.cfg, self.tls = cfg, tls
-        self._tls_stamp = self._tls_files_stamp()
+        self._stamp = self._files()
         self._apply(cfg)
         log.info("web config %s reloaded", cfg.path)
-
-    def tls_context(self) -> ssl.SSLContext:
-        """The context for a new connection, rebuilt when the certificate files change."""
-        self.refresh()
-        now = time.monotonic()
-        if now - self._tls_checked >= 1.0:
-            self._tls_checked = now
-            stamp = self._tls_files_stamp()
-            if stamp != self._tls_stamp:
-                self._tls_stamp = stamp
-                try:
-                    self.tls = build_ssl_context(self.cfg)
-                    log.info("TLS certificate files changed; reloaded")
-                except (WebConfigError, OSError, ssl.SSLError) as e:
-                    log.error("TLS files changed but cannot be loaded, keeping the old ones: %s", e)
-        assert self.tls is not None
-        return self.tls
 
 
 class _Listener:
@@ -270,9 +246,7 @@ class _Listener:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as e:
-                if e.errno not in _OUT_OF_FDS:
-                    raise
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ...: retrying at once would spin
                 if not self._out_of_fds_logged:
                     self._out_of_fds_logged = True
                     log.error("accept() failed: %s; new connections wait, retried every second "
@@ -519,9 +493,10 @@ class WebServer:
 
     def _protocol(self, config: uvicorn.Config, state: ServerState, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
         http = _HTTP(self, config=config, server_state=state, app_state={}, _loop=loop)
+        self.settings.refresh()
         if self.settings.tls is None:
             return http
-        return _TLS(loop, http, self.settings.tls_context())
+        return _TLS(loop, http, self.settings.tls)
 
     def start(self) -> None:
         if self._thread is not None:
