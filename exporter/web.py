@@ -14,6 +14,8 @@ garbage). What they leave out is added here, per connection:
   and is logged once (``_Listener``: asyncio's own accept loop multiplies its retries);
 - at most 64 KiB of request line and headers, answered 431 beyond (h11 bounds only a head that
   is still incomplete, so it is never fed more than that);
+- a client that stops reading an answer (more than the transport's 64 KiB buffer) for 10 s is
+  cut off, so slow readers cannot pile up unsent answers;
 - plain HTTP sent to the TLS port gets Go's plain-text 400 answer (the TLS layer is asyncio's
   ``SSLProtocol``, driven here so that it can answer before the handshake).
 
@@ -65,6 +67,7 @@ HEALTH_PATH = "/-/healthy"
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together
 HEADER_TIMEOUT_SECONDS = 10.0  # from connection open (or a kept-alive request's first byte) to a complete head
+WRITE_TIMEOUT_SECONDS = 10.0  # a client that stops reading an answer for this long is cut off
 IDLE_TIMEOUT_SECONDS = 120.0  # between requests: longer than common scrape intervals, so keep-alive is reused
 MAX_CONNECTIONS = 4096
 FD_RESERVE = 64  # descriptors kept for libvirt, logs, certificates
@@ -289,6 +292,7 @@ class _HTTP(H11Protocol):
         self._made = False  # uvicorn's connection_made ran
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # of the request head being received
+        self._stalled: asyncio.TimerHandle | None = None  # armed while the client does not read
 
     def opened(self, raw: asyncio.BaseTransport) -> None:
         self._raw = raw
@@ -297,6 +301,8 @@ class _HTTP(H11Protocol):
 
     def closed(self) -> None:
         self._disarm()
+        if self._stalled is not None:
+            self._stalled.cancel()
         if self._raw is not None:
             self._face.listener.open.discard(self._raw)
             self._face.listener.count -= 1
@@ -332,6 +338,18 @@ class _HTTP(H11Protocol):
             self.closed()
         if self._made:
             super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped reading an answer: it has WRITE_TIMEOUT_SECONDS to resume."""
+        super().pause_writing()
+        if self._stalled is None and self._raw is not None:
+            self._stalled = self.loop.call_later(WRITE_TIMEOUT_SECONDS, self._raw.abort)
+
+    def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
         state = self.conn.their_state

@@ -652,3 +652,23 @@ def test_tls_min_version_is_enforced(certs, tmp_path):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             https_get(ws, old)
         assert https_get(ws, tls_client(certs))[0].status == 200
+
+
+def test_a_client_that_stops_reading_is_cut_off():
+    big = BODY * 160  # 16 MB: more than the kernel's socket buffers hold
+    with serving(render=lambda accept, names=(): (big, CTYPE)) as (ws, _):
+        s = socket.socket()
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(ws.bound_address)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(12)  # never reads
+            s.settimeout(5)
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(1 << 20):  # what the kernel still held, then the end
+                    got += len(chunk)
+            assert got < len(big) // 2
+        finally:
+            s.close()
+        assert get(ws, "/-/healthy")[0].status == 200
