@@ -496,7 +496,7 @@ class WebServer:
                 log.exception("rendering metrics failed")
                 return await respond(500, b"An error has occurred while serving metrics; see the exporter's log.\n",
                                      text)
-            more = [(b"vary", b"Accept-Encoding")]
+            more = [(b"vary", b"Accept, Accept-Encoding")]
             if _accepts_gzip(header(b"accept-encoding") or ""):
                 body = gzip.compress(body, GZIP_LEVEL, mtime=0)
                 more.append((b"content-encoding", b"gzip"))
