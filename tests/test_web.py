@@ -208,6 +208,10 @@ def test_keep_alive_reuses_one_connection():
             r, body = get(ws, "/metrics", conn=c)
             assert r.version == 11 and not r.will_close and body == BODY
         assert c.sock is sock
+        # Without TCP_NODELAY every kept-alive answer (head and body written apart) waited 40 ms
+        # for a delayed ACK.
+        (transport,) = ws.listener.open
+        assert transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         c.close()
 
 
