@@ -143,9 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_exporter(args: argparse.Namespace) -> int:
-    from .collector import BlockJobCollector, MetricsRenderer, build_registry
+    from .collector import BlockJobCollector
     from .libvirt_host import LibvirtHost
-    from .process_metrics import ProcessMetrics
     from .selfstats import SelfStats
     from .state import State
     from .web import WebServer
@@ -196,7 +195,7 @@ def run_exporter(args: argparse.Namespace) -> int:
         except PolicyError as err:  # unreadable files included
             print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
             return 1
-        collector.add_extra(engine.metric_families)
+        collector.add_extra("policy", engine.metric_families)
 
     def after_cycle() -> None:
         if jobs_file is not None:
@@ -206,13 +205,10 @@ def run_exporter(args: argparse.Namespace) -> int:
 
     host.set_after_cycle(after_cycle)
     if notifier is not None:
-        collector.add_extra(notifier.metric_families)
-    registry = build_registry(collector)
-    # process_start_time_seconds lets the failure alert tell an exporter restart from a new series.
-    registry.register(ProcessMetrics())
+        collector.add_extra("alertmanager", notifier.metric_families)
 
     try:
-        server = WebServer(args.listen_address, args.telemetry_path, MetricsRenderer(registry).parts,
+        server = WebServer(args.listen_address, args.telemetry_path, collector.exposition,
                            web_config=web_config, version=__version__)
         server.start()
     except (OSError, ValueError, WebConfigError) as err:

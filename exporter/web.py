@@ -1,53 +1,62 @@
-"""The exporter's HTTP endpoint: landing page, telemetry, health; read-only by design.
+"""The exporter's HTTP face: landing page, telemetry, health; read-only by design.
 
-Built on ``http.server.ThreadingHTTPServer`` so that it needs nothing beyond the standard
-library: one daemon thread per connection (threads wait for the next connection rather than
-exit, see ``_Workers``), HTTP/1.1 keep-alive, and each response written with a single ``sendall``
-so that a scrape costs one round trip and no Nagle/delayed-ACK stall. The metrics renderer may
-return its text in parts; the first, when it is the same object as last time, is not compressed
-again (see ``_GzipCache``).
+Served by uvicorn's h11 protocol on one asyncio event loop in a thread of its own: an idle or slow
+client costs a file descriptor and a few KiB, not a thread (README, "HTTP server"). uvicorn and h11
+parse HTTP/1.1 (keep-alive, ``Connection`` token lists, pipelining, bodies, a 400 status line for
+garbage). What they leave out is added here, per connection:
 
-TLS is negotiated in the connection's own thread, never in the accept loop, so a client that
-stalls its handshake cannot block others. The TLS context is rebuilt when the certificate, key or
-client CA files change (checked at most once a second, on new connections), so renewed
-certificates are picked up as exporter-toolkit does. Users, headers and rate limit are read once
-at start-up; restart the exporter to change them.
+- a 10 s deadline for the request headers, armed when the TCP connection opens (before any TLS
+  handshake) and again when a kept-alive connection starts its next request, disarmed once h11
+  has the whole head; a client that trickles is cut off however slowly it sends;
+- a cap on open connections (at most the open-file limit less a reserve): one more is answered
+  503 (plain HTTP) or closed (TLS) at once; the soft ``RLIMIT_NOFILE`` is raised to the hard limit
+  at start, and an ``accept()`` that still fails for want of descriptors pauses accepting for 1 s
+  and is logged once (``_Listener``: asyncio's own accept loop multiplies its retries);
+- at most 64 KiB of request line and headers, answered 431 beyond (h11 bounds only a head that
+  is still incomplete, so it is never fed more than that);
+- a client that stops reading an answer (more than the transport's 64 KiB buffer) for 10 s is
+  cut off, so slow readers cannot pile up unsent answers;
+- plain HTTP sent to the TLS port gets Go's plain-text 400 answer (the TLS layer is asyncio's
+  ``SSLProtocol``, driven here so that it can answer before the handshake).
+
+The web config file is re-read when it changes (its stat is checked on every request): users,
+headers and the rate limit apply to the next request, TLS settings to the next connection;
+certificate, key and client CA files are watched the same way (on each new connection). A file
+that no longer loads is logged and the previous config kept. Turning TLS on or off needs a restart.
 
 Only GET and HEAD are served; there is no control action over HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import errno
+import gzip
 import hashlib
 import hmac
 import html
 import logging
 import os
-import re
+import resource
 import secrets
 import socket
-import socketserver
 import ssl
-import struct
 import threading
 import time
-import zlib
+from asyncio import sslproto
 from email.utils import formatdate
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import bcrypt
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
-from .webconfig import (
-    WebConfig,
-    WebConfigError,
-    build_ssl_context,
-    client_cert_allowed,
-)
+from .webconfig import WebConfig, WebConfigError, build_ssl_context, client_cert_allowed, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -56,511 +65,572 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN_ADDRESS = ":9478"
 HEALTH_PATH = "/-/healthy"
 
-GZIP_LEVEL = 1  # text metrics compress ~10x even at level 1, at a fraction of level 6's CPU
-IDLE_TIMEOUT_SECONDS = 120.0  # longer than common scrape intervals so keep-alive is reused
-HANDSHAKE_TIMEOUT_SECONDS = 10.0
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers together
+HEADER_TIMEOUT_SECONDS = 10.0  # from connection open (or a kept-alive request's first byte) to a complete head
+WRITE_TIMEOUT_SECONDS = 10.0  # a client that stops reading an answer for this long is cut off
+IDLE_TIMEOUT_SECONDS = 120.0  # between requests: longer than common scrape intervals, so keep-alive is reused
+MAX_CONNECTIONS = 4096
+FD_RESERVE = 64  # descriptors kept for libvirt, logs, certificates
+GZIP_LEVEL = 1  # text metrics compress ~10x even at level 1, at a fraction of level 9's CPU
+DECOY_COST = 10  # exporter-toolkit's decoy hash cost
 _AUTH_CACHE_SIZE = 256
+
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Length: 21\r\nConnection: close\r\n\r\nToo many connections\n")
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+              b"Content-Length: 26\r\nConnection: close\r\n\r\nRequest headers too large\n")
+# What Go's net/http writes when a TLS server receives plain HTTP.
+_PLAIN_TO_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+
+Exposition = Callable[[str | None, Sequence[str]], tuple[bytes, str]]
 
 
 class _BasicAuth:
     """bcrypt verification with exporter-toolkit's protections.
 
-    Every configured user is compared (constant time, no early exit) and an unknown user is
-    checked against a decoy hash of the highest configured cost, so timing does not reveal
-    which users exist. Successful (user, password) pairs are remembered under an HMAC with a
-    per-process key, so a scrape does not pay bcrypt each time and no fast password hash is
-    kept in memory. bcrypt runs one at a time so a flood of bad passwords burns one core.
+    An unknown user is checked against a decoy hash made once at start at a fixed cost, so timing
+    tells little about which users exist. Successful (user, password) pairs are remembered under
+    an HMAC with a per-process key, so a scrape does not pay bcrypt each time, reads the cache
+    without a lock and no fast password hash is kept. bcrypt runs in a worker thread, one at a
+    time, so a flood of bad passwords burns one core, never the event loop or a cached login.
     """
 
-    def __init__(self, users: Sequence[tuple[str, str]]) -> None:
-        self._users = [(u.encode("utf-8"), h.encode("ascii")) for u, h in users]
-        self._max_cost = max(int(h[4:6]) for _, h in self._users)
+    def __init__(self, users: Sequence[tuple[str, str]], decoy: bytes) -> None:
+        self._users = {u.encode("utf-8"): h.encode("ascii") for u, h in users}
+        self._decoy = decoy
         self._key = secrets.token_bytes(32)
-        self._ok: dict[bytes, None] = {}  # insertion-ordered: oldest evicted first
+        self._ok: dict[bytes, None] = {}  # insertion-ordered: oldest evicted first; written under _lock
         self._lock = threading.Lock()
-        self._bcrypt_lock = threading.Lock()
-        self._decoy: bytes | None = None
 
-    def check(self, authorization: str | None) -> bool:
-        if not authorization:
-            return False
-        scheme, _, b64 = authorization.strip().partition(" ")
+    @staticmethod
+    def credentials(authorization: str | None) -> tuple[bytes, bytes] | None:
+        scheme, _, b64 = (authorization or "").strip().partition(" ")
         if scheme.lower() != "basic":
-            return False
+            return None
         try:
             raw = base64.b64decode(b64.strip(), validate=True)
-        except (ValueError, TypeError):
-            return False
+        except ValueError:
+            return None
         user, sep, password = raw.partition(b":")
-        if not sep:
-            return False
+        return (user, password) if sep else None
 
-        stored = None
-        for u, h in self._users:
-            if hmac.compare_digest(u, user):
-                stored = h
-        valid_user = stored is not None
-        if stored is None:
-            stored = self._decoy_hash()
+    def _cache_key(self, user: bytes, password: bytes) -> tuple[bytes, bytes | None]:
+        stored = self._users.get(user)
+        key = b"\0".join((user, stored or self._decoy, password))
+        return hmac.new(self._key, key, hashlib.sha256).digest(), stored
 
-        cache_key = hmac.new(self._key, b"\0".join((user, stored, password)), hashlib.sha256).digest()
+    def cached(self, user: bytes, password: bytes) -> bool:
+        return self._cache_key(user, password)[0] in self._ok
+
+    def verify(self, user: bytes, password: bytes) -> bool:
+        """The slow check (bcrypt); run it off the event loop."""
+        key, stored = self._cache_key(user, password)
         with self._lock:
-            if cache_key in self._ok:
-                return valid_user
-        with self._bcrypt_lock:
             # bcrypt only uses 72 bytes; Go and htpasswd truncate the same way.
-            ok = bcrypt.checkpw(password[:72], stored)
-        if ok and valid_user:
-            with self._lock:
-                self._ok[cache_key] = None
-                while len(self._ok) > _AUTH_CACHE_SIZE:
-                    del self._ok[next(iter(self._ok))]
-            return True
-        return False
-
-    def _decoy_hash(self) -> bytes:
-        with self._lock:
-            if self._decoy is None:
-                self._decoy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(self._max_cost))
-            return self._decoy
+            if not bcrypt.checkpw(password[:72], stored or self._decoy) or not stored:
+                return False
+            self._ok[key] = None
+            while len(self._ok) > _AUTH_CACHE_SIZE:
+                del self._ok[next(iter(self._ok))]
+        return True
 
 
 class _RateLimiter:
     """Token bucket as in golang.org/x/time/rate, used by exporter-toolkit's ``rate_limit``."""
 
     def __init__(self, interval: float, burst: int) -> None:
-        self._interval = interval
-        self._burst = float(burst)
+        self.params = (interval, burst)
         self._tokens = float(burst)
         self._last = time.monotonic()
-        self._lock = threading.Lock()
 
-    def allow(self) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
-            self._last = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return True
-            return False
-
-
-class _TLSContexts:
-    """Current TLS context, rebuilt when its files change; a broken new file keeps the old one."""
-
-    def __init__(self, cfg: WebConfig) -> None:
-        assert cfg.tls_server_config is not None
-        self._cfg = cfg
-        self._files = cfg.tls_server_config.watched_files
-        self._stamp = self._stat()
-        ctx = build_ssl_context(cfg)
-        assert ctx is not None
-        self._ctx = ctx
-        self._checked = time.monotonic()
-        self._lock = threading.Lock()
-
-    def _stat(self) -> tuple:
-        out = []
-        for p in self._files:
-            try:
-                st = os.stat(p)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
-
-    def get(self) -> ssl.SSLContext:
+    def allow(self) -> bool:  # only the event loop calls it
+        interval, burst = self.params
         now = time.monotonic()
-        if not self._files or now - self._checked < 1.0:
-            return self._ctx
-        with self._lock:
-            if now - self._checked < 1.0:
-                return self._ctx
-            self._checked = now
-            stamp = self._stat()
-            if stamp != self._stamp:
-                try:
-                    ctx = build_ssl_context(self._cfg)
-                except (WebConfigError, OSError, ssl.SSLError) as e:
-                    log.error("TLS files changed but cannot be loaded, keeping the old ones: %s", e)
-                else:
-                    self._ctx = ctx  # type: ignore[assignment]
-                    log.info("TLS certificate files changed; reloaded")
-                self._stamp = stamp
-            return self._ctx
-
-
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _http_date() -> str:
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
-
-
-class _GzipCache:
-    """gzip for a response whose first part seldom changes (the block-job text, the same until a
-    job moves or ends) and whose rest is small (the exporter's own counters).
-
-    The first part is deflated once, ending on a full flush (byte-aligned, no back-references
-    across it); each response then deflates only the rest with a small fresh compressor and
-    wraps both in one gzip member (RFC 1952 header, CRC-32 and length of the whole text). It is
-    the same format a single pass writes, a few % larger (the rest cannot refer back into the
-    first part), for a tenth of the CPU while the first part is unchanged.
-    """
-
-    _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no mtime, OS unknown
-
-    def __init__(self, level: int = GZIP_LEVEL) -> None:
-        self._level = level
-        self._lock = threading.Lock()
-        self._prefix: bytes | None = None
-        self._deflated = (b"", 0)  # (raw deflate of the prefix up to a full flush, its CRC-32)
-
-    def compress(self, parts: Sequence[bytes]) -> bytes:
-        if len(parts) < 2:
-            return zlib.compress(b"".join(parts), self._level, wbits=31)
-        prefix, rest = parts[0], b"".join(parts[1:])
-        with self._lock:
-            if self._prefix is not prefix:
-                compressor = zlib.compressobj(self._level, zlib.DEFLATED, -15)
-                self._deflated = (compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH),
-                                  zlib.crc32(prefix))
-                self._prefix = prefix
-            deflated, crc = self._deflated
-        # A 4 KiB window and small tables: the rest is a few KiB, and a full-size compressor
-        # costs more to set up than the whole rest takes to compress.
-        compressor = zlib.compressobj(self._level, zlib.DEFLATED, -12, 2)
-        tail = compressor.compress(rest) + compressor.flush()
-        trailer = struct.pack("<II", zlib.crc32(rest, crc), (len(prefix) + len(rest)) & 0xFFFFFFFF)
-        return b"".join((self._HEADER, deflated, tail, trailer))
-
-
-def _accepts_gzip(accept_encoding: str | None) -> bool:
-    if not accept_encoding:
+        self._tokens = min(float(burst), self._tokens + (now - self._last) / interval)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
         return False
+
+
+def _stamp(paths: Sequence[str]) -> tuple:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+class _Settings:
+    """The web config in force; see the module docstring for when it is re-read."""
+
+    def __init__(self, cfg: WebConfig | None) -> None:
+        self.cfg = cfg
+        # Made once, here, whatever the users' costs: never on a request, never under a lock.
+        self._decoy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(DECOY_COST)) if cfg else b""
+        self.tls: ssl.SSLContext | None = build_ssl_context(cfg)  # a bad certificate fails start-up
+        self._stamp = self._files()
+        self.limiter: _RateLimiter | None = None
+        self._apply(cfg)
+
+    def _files(self) -> tuple | None:
+        if self.cfg is None or not self.cfg.path:
+            return None
+        tls = self.cfg.tls_server_config
+        return _stamp([self.cfg.path, *(tls.watched_files if tls else ())])
+
+    def _apply(self, cfg: WebConfig | None) -> None:
+        http_cfg = cfg.http_server_config if cfg else None
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in
+                        (http_cfg.headers if http_cfg else ())]
+        users = cfg.basic_auth_users if cfg else ()
+        self.auth = _BasicAuth(users, self._decoy) if users else None
+        rl = cfg.rate_limit if cfg else None
+        if rl is None:
+            self.limiter = None
+        elif self.limiter is None or self.limiter.params != (rl.interval_seconds, rl.burst):
+            self.limiter = _RateLimiter(rl.interval_seconds, rl.burst)
+
+    def refresh(self) -> None:
+        """Re-read the config (and certificates) if a file changed since the last look."""
+        if self._stamp is None or self.cfg is None:
+            return
+        stamp = self._files()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            cfg = load_web_config(self.cfg.path)
+            if (cfg.tls_server_config is None) != (self.cfg.tls_server_config is None):
+                raise WebConfigError([f"{cfg.path}: turning TLS on or off needs a restart"])
+            tls = build_ssl_context(cfg)
+        except (WebConfigError, OSError, ssl.SSLError) as e:
+            log.error("web config or TLS files changed but cannot be used; keeping the previous ones:\n%s", e)
+            return
+        self.cfg, self.tls = cfg, tls
+        self._stamp = self._files()
+        self._apply(cfg)
+        log.info("web config %s reloaded", cfg.path)
+
+
+class _Listener:
+    """The accept loop: asyncio's own retries a failed ``accept()`` once per queued connection
+    (up to the backlog, 2048 under uvicorn) and each retry schedules another, so on EMFILE its
+    timers multiply; here accepting pauses for 1 s, once, and the first failure is logged."""
+
+    def __init__(self, face: "WebServer", sock: socket.socket, limit: int) -> None:
+        self._face = face
+        self._sock = sock
+        self.limit = limit
+        self.count = 0  # connections accepted and not yet lost
+        self.open: set[asyncio.BaseTransport] = set()
+        self._refusing = False
+        self._out_of_fds_logged = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._factory: Callable[[], asyncio.Protocol] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol]) -> None:
+        self._loop, self._factory = loop, factory
+        loop.add_reader(self._sock, self._accept)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock)
+
+    def _accept(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        for _ in range(128):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ...: retrying at once would spin
+                if not self._out_of_fds_logged:
+                    self._out_of_fds_logged = True
+                    log.error("accept() failed: %s; new connections wait, retried every second "
+                              "(%d connections open; logged once)", e.strerror, self.count)
+                loop.remove_reader(self._sock)
+                loop.call_later(1.0, loop.add_reader, self._sock, self._accept)
+                return
+            if self.count >= self.limit:
+                if not self._refusing:
+                    self._refusing = True
+                    log.warning("%d connections open, the most allowed; refusing new ones until some "
+                                "close", self.limit)
+                if self._face.settings.tls is None:
+                    with contextlib.suppress(OSError):
+                        conn.send(_TOO_MANY)
+                conn.close()
+                continue
+            self._refusing = False
+            self.count += 1
+            conn.setblocking(False)
+            # uvicorn writes the head and the body apart: without this, Nagle and delayed ACKs
+            # add 40 ms to every kept-alive request.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        assert self._loop is not None and self._factory is not None
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except Exception as e:  # the client went away at once
+            log.debug("connection setup failed: %s", e)
+            self.count -= 1
+            conn.close()
+
+
+class _HTTP(H11Protocol):
+    """uvicorn's h11 protocol plus the bounds of the module docstring."""
+
+    def __init__(self, face: "WebServer", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._face = face
+        self._raw: asyncio.BaseTransport | None = None  # the TCP transport
+        self._made = False  # uvicorn's connection_made ran
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # of the request head being received
+        self._stalled: asyncio.TimerHandle | None = None  # armed while the client does not read
+
+    def opened(self, raw: asyncio.BaseTransport) -> None:
+        self._raw = raw
+        self._face.listener.open.add(raw)
+        self._arm()
+
+    def closed(self) -> None:
+        self._disarm()
+        if self._stalled is not None:
+            self._stalled.cancel()
+        if self._raw is not None:
+            self._face.listener.open.discard(self._raw)
+            self._face.listener.count -= 1
+            self._raw = None
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        log.debug("%s: request headers not complete within %gs; closing", self.client, HEADER_TIMEOUT_SECONDS)
+        if self._raw is not None:
+            self._raw.abort()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self._raw is None:  # plain HTTP
+            self.opened(transport)
+        tls = self._face.settings.cfg.tls_server_config if self._face.settings.cfg else None
+        if tls is not None and not client_cert_allowed(tls, transport.get_extra_info("peercert")):
+            log.debug("client certificate has no allowed SAN; closing")
+            transport.abort()
+            return
+        self._made = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._raw is self.transport:  # plain HTTP
+            self.closed()
+        if self._made:
+            super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped reading an answer: it has WRITE_TIMEOUT_SECONDS to resume."""
+        super().pause_writing()
+        if self._stalled is None and self._raw is not None:
+            self._stalled = self.loop.call_later(WRITE_TIMEOUT_SECONDS, self._raw.abort)
+
+    def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        super().resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        state = self.conn.their_state
+        if state is h11.ERROR or self.transport.is_closing():
+            return
+        if state is not h11.IDLE:  # a body, or a pipelined request behind the one being answered
+            super().data_received(data)
+            return
+        if self._deadline is None:
+            self._arm()  # the next request on a kept-alive connection
+        # h11 bounds only an incomplete head: feed it no more than the bound of any head.
+        room = MAX_HEADER_BYTES - self._head_bytes
+        head, rest = data[:room], data[room:]
+        self._head_bytes += len(head)
+        super().data_received(head)
+        if self.conn.their_state is h11.IDLE:
+            if rest and not self.transport.is_closing():
+                self.transport.write(_TOO_LARGE)
+                self.transport.close()
+            return
+        self._disarm()
+        self._head_bytes = 0
+        if rest:
+            self.data_received(rest)
+
+
+class _TLS(sslproto.SSLProtocol):
+    """asyncio's TLS layer with the connection counted and timed from TCP open, and Go's answer to
+    plain HTTP (OpenSSL recognises an HTTP request line in place of a ClientHello)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, app: _HTTP, context: ssl.SSLContext) -> None:
+        super().__init__(loop, app, context, None, server_side=True,
+                         ssl_handshake_timeout=HEADER_TIMEOUT_SECONDS)
+        self._http = app
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._http.opened(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._http.closed()
+        super().connection_lost(exc)
+
+    def _on_handshake_complete(self, handshake_exc: Exception | None) -> None:
+        if isinstance(handshake_exc, ssl.SSLError) and handshake_exc.reason == "HTTP_REQUEST" \
+                and self._transport is not None:
+            self._transport.write(_PLAIN_TO_TLS)
+        super()._on_handshake_complete(handshake_exc)
+
+
+_date: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date[1]
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """gzip listed with a q-value above 0 (prometheus_client's own check ignores ``q=0``)."""
     for part in accept_encoding.split(","):
-        name, _, params = part.partition(";")
+        name, *params = part.split(";")
         if name.strip().lower() not in ("gzip", "x-gzip"):
             continue
-        params = params.strip().replace(" ", "")
-        if params.startswith("q="):
-            try:
-                return float(params[2:]) > 0
-            except ValueError:
-                return False
+        for param in params:
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
         return True
     return False
 
 
-_ORDINARY_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[!-~]*) HTTP/1\.([01])\r?\n")
-_MAX_HEADERS = 100  # http.client's limits, so both paths refuse the same requests
-_MAX_HEADER_LINE = 65536
+class WebServer:
+    """Serves ``/``, the telemetry path and ``/-/healthy``; see the module docstring."""
 
+    def __init__(self, listen_address: str, telemetry_path: str, exposition: Exposition,
+                 web_config: WebConfig | None = None,
+                 landing_title: str = "libvirt block job exporter",
+                 landing_links: Sequence[tuple[str, str]] = (),
+                 version: str = "", max_connections: int = MAX_CONNECTIONS) -> None:
+        if not telemetry_path.startswith("/"):
+            raise ValueError(f"telemetry path {telemetry_path!r} must start with '/'")
+        self.listen_address = listen_address
+        self._host, self._port = parse_listen_address(listen_address)
+        self.telemetry_path = telemetry_path
+        self.exposition = exposition
+        self.landing_page = _landing_page(landing_title, version, telemetry_path, landing_links)
+        self.settings = _Settings(web_config)
+        self.max_connections = max_connections
+        self.listener: _Listener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
 
-class _Headers:
-    """The request headers: ``get`` by name in any case, first value wins (as email's Message)."""
+    # ------------------------------------------------------------------ ASGI application
 
-    __slots__ = ("_values",)
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        settings = self.settings
+        settings.refresh()
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of repeated headers, as before
 
-    def __init__(self) -> None:
-        self._values: dict[str, str] = {}
+        def header(name: bytes) -> str | None:
+            value = headers.get(name)
+            return None if value is None else value.decode("latin-1")
 
-    def add(self, name: str, value: str) -> None:
-        self._values.setdefault(name.lower(), value)
+        extra = list(settings.headers)
+        if headers.get(b"transfer-encoding") or headers.get(b"content-length", b"0") != b"0":
+            extra.append((b"connection", b"close"))  # we never read request bodies
 
-    def get(self, name: str, default: str | None = None) -> str | None:
-        return self._values.get(name.lower(), default)
+        async def respond(status: int, body: bytes, content_type: bytes, more: Sequence = ()) -> None:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"date", _http_date()), (b"content-type", content_type),
+                                    (b"content-length", str(len(body)).encode()), *more, *extra]})
+            await send({"type": "http.response.body", "body": body})
 
-    def __contains__(self, name: str) -> bool:
-        return name.lower() in self._values
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "libvirt-blockjob-exporter"
-    sys_version = ""  # don't advertise the Python version in error responses
-    disable_nagle_algorithm = True
-    timeout = IDLE_TIMEOUT_SECONDS
-    server: "_Server"
-
-    # Everything the base class would print goes to the debug log instead.
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def log_request(self, code="-", size="-") -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug('%s "%s" %s %s', self.address_string(), self.requestline, code, size)
-
-    def address_string(self) -> str:
-        return str(self.client_address[0]) if self.client_address else "-"
-
-    def parse_request(self) -> bool:
-        """The base class's parsing, without ``email.parser`` for an ordinary request's headers
-        (a third of a scrape's own time). A request line of any other shape (absolute form,
-        HTTP/0.9 or 2, odd spacing) goes the base class's way, before any header is read."""
-        match = _ORDINARY_REQUEST_LINE.fullmatch(self.raw_requestline)
-        if match is None:
-            return super().parse_request()
-        command, path, minor = match.groups()
-        self.command = command.decode("ascii")
-        self.path = path.decode("latin-1")
-        if self.path.startswith("//"):  # as the base class: no scheme-relative open redirects
-            self.path = "/" + self.path.lstrip("/")
-        self.request_version = "HTTP/1.1" if minor == b"1" else "HTTP/1.0"
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        self.close_connection = minor != b"1"
-        headers = _Headers()
-        last = None
-        count = 0
-        while True:
-            line = self.rfile.readline(_MAX_HEADER_LINE + 1)
-            if len(line) > _MAX_HEADER_LINE:
-                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long",
-                                "header line")
-                return False
-            if line in (b"\r\n", b"\n", b""):
-                break
-            count += 1
-            if count > _MAX_HEADERS:
-                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers",
-                                f"got more than {_MAX_HEADERS} headers")
-                return False
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t"):  # obsolete line folding: continues the last header
-                if last is not None:
-                    headers._values[last] += " " + text.strip()
-                continue
-            name, sep, value = text.partition(":")
-            if sep:
-                last = name.strip().lower()
-                if last in headers:
-                    last = None  # a repeated header: the first value is kept
-                headers.add(name.strip(), value.strip())
-        self.headers = headers  # type: ignore[assignment]
-        connection = (headers.get("Connection") or "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if (headers.get("Expect") or "").lower() == "100-continue" and minor == b"1":
-            return self.handle_expect_100()
-        return True
-
-    def end_headers(self) -> None:
-        # Only reached for errors the base class answers itself (400, 414, ...).
-        for k, v in self.server.app.extra_headers:
-            self.send_header(k, v)
-        super().end_headers()
-
-    def _respond(self, status: HTTPStatus, body: bytes, content_type: str,
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
-        app = self.server.app
-        lines = [f"HTTP/1.1 {status.value} {status.phrase}",
-                 f"Date: {_http_date()}",
-                 f"Content-Type: {content_type}",
-                 f"Content-Length: {len(body)}"]
-        lines.extend(f"{k}: {v}" for k, v in headers)
-        lines.extend(f"{k}: {v}" for k, v in app.extra_headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if self.command == "HEAD" or not body:
-            self.wfile.write(head)
-        else:
-            self.wfile.write(head + body)
-        self.log_request(status.value, len(body))
-
-    def _text(self, status: HTTPStatus, text: str, headers: Sequence[tuple[str, str]] = ()) -> None:
-        self._respond(status, text.encode("utf-8"), "text/plain; charset=utf-8", headers)
-
-    def _admit(self) -> bool:
-        """Rate limit and basic auth, in exporter-toolkit's order, before any routing."""
-        app = self.server.app
-        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0") != "0":
-            self.close_connection = True  # we never read request bodies; don't parse one as a request
-        if app.limiter is not None and not app.limiter.allow():
-            self._text(HTTPStatus.TOO_MANY_REQUESTS, "Too Many Requests\n")
-            return False
-        if app.auth is not None and not app.auth.check(self.headers.get("Authorization")):
-            self._text(HTTPStatus.UNAUTHORIZED, "Unauthorized\n", (("WWW-Authenticate", "Basic"),))
-            return False
-        return True
-
-    def do_GET(self) -> None:
-        if not self._admit():
-            return
-        app = self.server.app
-        path = self.path
+        text = b"text/plain; charset=utf-8"
+        if settings.limiter is not None and not settings.limiter.allow():
+            return await respond(429, b"Too Many Requests\n", text)
+        if settings.auth is not None:
+            auth = settings.auth
+            creds = auth.credentials(header(b"authorization"))
+            ok = creds is not None and (auth.cached(*creds) or await asyncio.to_thread(auth.verify, *creds))
+            if not ok:
+                return await respond(401, b"Unauthorized\n", text, [(b"www-authenticate", b"Basic")])
+        if scope["method"] not in ("GET", "HEAD"):
+            return await respond(405, b"Method Not Allowed\n", text, [(b"allow", b"GET, HEAD")])
+        path = scope["path"]
         if not path.startswith("/"):  # absolute-form, e.g. through a forward proxy
             path = urlsplit(path).path or "/"
-        if "?" in path:
-            path = path.split("?", 1)[0]
-        if path == app.telemetry_path:
-            self._metrics()
-        elif path == "/":
-            self._respond(HTTPStatus.OK, app.landing_page, "text/html; charset=utf-8")
-        elif path == HEALTH_PATH:
-            self._text(HTTPStatus.OK, "OK")
-        else:
-            self._text(HTTPStatus.NOT_FOUND, "404 page not found\n")
+        if path == self.telemetry_path:
+            names = parse_qs(scope["query_string"].decode("latin-1")).get("name[]", ())
+            try:
+                body, content_type = self.exposition(header(b"accept"), names)
+            except Exception:
+                log.exception("rendering metrics failed")
+                return await respond(500, b"An error has occurred while serving metrics; see the exporter's log.\n",
+                                     text)
+            more = [(b"vary", b"Accept, Accept-Encoding")]
+            if _accepts_gzip(header(b"accept-encoding") or ""):
+                body = gzip.compress(body, GZIP_LEVEL, mtime=0)
+                more.append((b"content-encoding", b"gzip"))
+            return await respond(200, body, content_type.encode("latin-1"), more)
+        if path == "/":
+            return await respond(200, self.landing_page, b"text/html; charset=utf-8")
+        if path == HEALTH_PATH:
+            return await respond(200, b"OK", text)
+        return await respond(404, b"404 page not found\n", text)
 
-    do_HEAD = do_GET
+    # ------------------------------------------------------------------ life cycle
 
-    def _metrics(self) -> None:
-        app = self.server.app
+    def _protocol(self, config: uvicorn.Config, state: ServerState, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
+        http = _HTTP(self, config=config, server_state=state, app_state={}, _loop=loop)
+        self.settings.refresh()
+        if self.settings.tls is None:
+            return http
+        return _TLS(loop, http, self.settings.tls)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("WebServer already started")
+        limit = _raise_fd_limit()
         try:
-            body, content_type = app.render_metrics(self.headers.get("Accept"))
-        except Exception:
-            log.exception("rendering metrics failed")
-            self._text(HTTPStatus.INTERNAL_SERVER_ERROR,
-                       "An error has occurred while serving metrics; see the exporter's log.\n")
-            return
-        headers: list[tuple[str, str]] = [("Vary", "Accept-Encoding")]
-        parts = (body,) if isinstance(body, bytes) else tuple(body)
-        if _accepts_gzip(self.headers.get("Accept-Encoding")):
-            body = app.gzip.compress(parts)
-            headers.append(("Content-Encoding", "gzip"))
-        else:
-            body = b"".join(parts)
-        self._respond(HTTPStatus.OK, body, content_type, headers)
+            sock = _listen(self._host, self._port)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {self.listen_address}: {e.strerror or e}") from e
+        cap = self.max_connections if limit is None else max(1, min(self.max_connections, limit - FD_RESERVE))
+        self.listener = _Listener(self, sock, cap)
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger("uvicorn.error").setLevel(logging.ERROR)  # one line per bad request otherwise
+        # uvicorn's protocol parses and answers. Not its Server: that wakes ten times a second to
+        # refresh the Date header (written per response here) and accepts as asyncio does.
+        config = uvicorn.Config(
+            self, http="h11", ws="none", lifespan="off", interface="asgi3", log_config=None,
+            access_log=False, proxy_headers=False, server_header=False, date_header=False,
+            timeout_keep_alive=int(IDLE_TIMEOUT_SECONDS), h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+        config.load()
+        self._sock = sock
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(config, started), name="web-server",
+                                        daemon=True)
+        self._thread.start()
+        started.wait(10)
+        log.info("listening on %s (%s), at most %d connections", self.listen_address,
+                 "https" if self.settings.tls else "http", cap)
 
-    def _not_allowed(self) -> None:
-        if not self._admit():
-            return
-        self._text(HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n", (("Allow", "GET, HEAD"),))
-
-    def __getattr__(self, name: str):
-        # Any other method (POST, PUT, DELETE, OPTIONS, ...) is refused the same way.
-        if name.startswith("do_"):
-            return self._not_allowed
-        raise AttributeError(name)
-
-
-class _Workers:
-    """Connection threads that wait for the next connection instead of exiting.
-
-    Every connection still gets a thread of its own (a kept-alive scrape connection holds one for
-    its life), but a thread that has finished waits ``idle_seconds`` for another connection
-    before it exits: starting a thread costs more than a whole scrape's response.
-    """
-
-    def __init__(self, serve: Callable[[object, object], None], idle_seconds: float = 60.0) -> None:
-        self._serve = serve
-        self._idle_seconds = idle_seconds
-        self._lock = threading.Lock()
-        self._idle: list[_Slot] = []
-        self._closed = False
-
-    def submit(self, request, client_address) -> None:
-        with self._lock:
-            if self._idle:
-                slot = self._idle.pop()
-                slot.work = (request, client_address)
-                slot.ready.set()
-                return
-        threading.Thread(target=self._run, args=((request, client_address),), name="web-connection",
-                         daemon=True).start()
-
-    def _run(self, work) -> None:
-        slot = _Slot()
-        while work is not None:
-            self._serve(*work)
-            slot.ready.clear()
-            slot.work = None
-            with self._lock:
-                if self._closed:
-                    return
-                self._idle.append(slot)
-            if not slot.ready.wait(self._idle_seconds):
-                with self._lock:
-                    if slot in self._idle:
-                        self._idle.remove(slot)
-                        return
-                slot.ready.wait()  # submit() took this slot as the wait ended: the work is coming
-            work = slot.work
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for slot in idle:
-            slot.ready.set()  # no work: the thread exits
-
-
-class _Slot:
-    __slots__ = ("ready", "work")
-
-    def __init__(self) -> None:
-        self.ready = threading.Event()
-        self.work: tuple | None = None
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-    app: "WebServer"
-    dual_stack = False
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.workers = _Workers(self.process_request_thread)
-
-    def process_request(self, request, client_address) -> None:
-        self.workers.submit(request, client_address)
-
-    def server_close(self) -> None:
-        self.workers.close()
-        super().server_close()
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dual_stack else 1)
-        # Skip HTTPServer.server_bind: its getfqdn() can wait on DNS.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), port
-
-    def finish_request(self, request, client_address) -> None:
-        conn = request
-        app = self.app
-        app._track(conn, True)
+    def _serve(self, config: uvicorn.Config, started: threading.Event) -> None:
+        listener = self.listener
+        assert listener is not None
+        state = ServerState()
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop, self._stop = loop, asyncio.Event()
         try:
-            if app.tls is not None:
-                conn.settimeout(HANDSHAKE_TIMEOUT_SECONDS)
-                try:
-                    conn = app.tls.get().wrap_socket(request, server_side=True)
-                except (OSError, ssl.SSLError) as e:
-                    log.debug("TLS handshake with %s failed: %s", client_address[0], e)
-                    return
-                app._track(conn, True)
-                tls_cfg = app.web_config.tls_server_config  # type: ignore[union-attr]
-                if not client_cert_allowed(tls_cfg, conn.getpeercert()):
-                    log.debug("client %s: certificate has no allowed SAN", client_address[0])
-                    return
-            self.RequestHandlerClass(conn, client_address, self)
+            listener.start(loop, lambda: self._protocol(config, state, loop))
+            started.set()
+            loop.run_until_complete(self._stop.wait())
+            listener.stop()
+            for connection in list(state.connections):  # closes idle ones, ends the others after their answer
+                connection.shutdown()
+            loop.run_until_complete(_drain(state, 2.0))
+            for transport in list(listener.open):
+                transport.abort()
+            loop.run_until_complete(asyncio.sleep(0))
         finally:
-            app._track(request, False)
-            if conn is not request:
-                app._track(conn, False)
-                try:
-                    conn.close()
-                except OSError:
-                    pass
+            started.set()
+            loop.close()
 
-    def handle_error(self, request, client_address) -> None:
-        log.debug("error serving %s", client_address, exc_info=True)
+    @property
+    def bound_address(self) -> tuple[str, int]:
+        if self._sock is None:
+            raise RuntimeError("WebServer not started")
+        host, port = self._sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def shutdown(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._stop.set)
+        thread.join(timeout=10)
+        if self._sock is not None:
+            self._sock.close()
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+async def _drain(state: ServerState, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (state.connections or state.tasks) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    for task in state.tasks:
+        task.cancel()
+
+
+def _raise_fd_limit() -> int | None:
+    """Soft RLIMIT_NOFILE up to the hard limit; the soft limit now in force (None: unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open-file limit raised from %d to %d", soft, hard)
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if host == "":
+        candidates = [(socket.AF_INET6, ("::", port), True), (socket.AF_INET, ("0.0.0.0", port), False)]
+    else:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos.sort(key=lambda i: i[0] != socket.AF_INET)  # like Go: one address per name, IPv4 first
+        candidates = [(infos[0][0], infos[0][4][:2], False)]
+    for i, (family, addr, dual) in enumerate(candidates):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
+            return sock
+        except OSError as e:
+            sock.close()
+            if i + 1 == len(candidates) or e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    raise AssertionError("unreachable")
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -576,126 +646,6 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
         raise ValueError(f"listen address {address!r}: port must be a number from 0 to 65535")
     return host, int(port_s)
-
-
-class WebServer:
-    """Serves ``/``, the telemetry path and ``/-/healthy``; see the module docstring."""
-
-    def __init__(self, listen_address: str, telemetry_path: str,
-                 render_metrics: Callable[[str | None], tuple[bytes | Sequence[bytes], str]],
-                 web_config: WebConfig | None = None,
-                 landing_title: str = "libvirt block job exporter",
-                 landing_links: Sequence[tuple[str, str]] = (),
-                 version: str = "") -> None:
-        if not telemetry_path.startswith("/"):
-            raise ValueError(f"telemetry path {telemetry_path!r} must start with '/'")
-        self.listen_address = listen_address
-        self._host, self._port = parse_listen_address(listen_address)
-        self.telemetry_path = telemetry_path
-        self.render_metrics = render_metrics
-        self.gzip = _GzipCache()
-        self.web_config = web_config
-        self.landing_page = _landing_page(landing_title, version, telemetry_path, landing_links)
-        http_cfg = web_config.http_server_config if web_config else None
-        self.extra_headers: tuple[tuple[str, str], ...] = http_cfg.headers if http_cfg else ()
-        users = web_config.basic_auth_users if web_config else ()
-        self.auth = _BasicAuth(users) if users else None
-        rl = web_config.rate_limit if web_config else None
-        self.limiter = _RateLimiter(rl.interval_seconds, rl.burst) if rl else None
-        # Built now so that bad certificates fail start-up, not the first scrape.
-        self.tls = _TLSContexts(web_config) if web_config and web_config.tls_server_config else None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._conns: set = set()
-        self._conns_lock = threading.Lock()
-
-    def _track(self, conn, add: bool) -> None:
-        with self._conns_lock:
-            if add:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
-
-    def start(self) -> None:
-        if self._server is not None:
-            raise RuntimeError("WebServer already started")
-        host, port = self._host, self._port
-        try:
-            if host == "":
-                server = self._bind_any(port)
-            else:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                           flags=socket.AI_PASSIVE)
-                # Like Go: one address per host name, IPv4 first.
-                infos.sort(key=lambda i: i[0] != socket.AF_INET)
-                family, _, _, _, sockaddr = infos[0]
-                cls = _Server6 if family == socket.AF_INET6 else _Server
-                server = self._bind(cls, sockaddr[:2])
-        except OSError as e:
-            raise OSError(e.errno, f"cannot listen on {self.listen_address}: "
-                          f"{e.strerror or e}") from e
-        server.app = self
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="web-server", daemon=True)
-        self._thread.start()
-        scheme = "https" if self.tls else "http"
-        log.info("listening on %s (%s)", self.listen_address, scheme)
-
-    def _bind_any(self, port: int) -> _Server:
-        if socket.has_ipv6:
-            try:
-                cls = type("_ServerDual", (_Server6,), {"dual_stack": True})
-                return self._bind(cls, ("::", port))
-            except OSError as e:
-                if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):  # IPv6 is off
-                    raise
-        return self._bind(_Server, ("0.0.0.0", port))
-
-    @staticmethod
-    def _bind(cls: type[_Server], addr: tuple) -> _Server:
-        server = cls(addr, _Handler, bind_and_activate=False)
-        try:
-            server.server_bind()
-            server.server_activate()
-        except BaseException:
-            server.server_close()
-            raise
-        return server
-
-    @property
-    def bound_address(self) -> tuple[str, int]:
-        if self._server is None:
-            raise RuntimeError("WebServer not started")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def shutdown(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        stopper = threading.Thread(target=server.shutdown, name="web-server-stop", daemon=True)
-        stopper.start()
-        host, port = server.server_address[:2]
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        while stopper.is_alive():
-            # Wake the accept loop so that shutdown need not wait out its poll interval.
-            try:
-                socket.create_connection((host, port), timeout=0.2).close()
-            except OSError:
-                pass
-            stopper.join(0.05)
-        server.server_close()
-        with self._conns_lock:
-            conns = list(self._conns)
-        for c in conns:  # end keep-alive connections, or they would outlive the server
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
 
 def _landing_page(title: str, version: str, telemetry_path: str,

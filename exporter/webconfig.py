@@ -1,21 +1,23 @@
 """``--web.config.file`` in prometheus/exporter-toolkit's format.
 
 Users already write this file for node_exporter and friends, so we read the same keys with the
-same meaning and reject what exporter-toolkit rejects. Python's ``ssl`` module cannot do a few
-things Go's ``crypto/tls`` does; where exporter-toolkit accepts such an option we accept it too
-and record a warning in ``WebConfig.warnings`` (also logged at WARNING when loading):
+same meaning and reject what exporter-toolkit rejects. Options Python's ``ssl`` module cannot
+honour are errors, not silent downgrades:
 
-- ``curve_preferences``: OpenSSL's default groups are used; the names are still checked.
-- ``http_server_config.http2: true``: the server speaks HTTP/1.1 only (ALPN offers http/1.1).
-- ``client_auth_type: RequestClientCert``: no certificate is requested. Go would ask for one
-  but never verify or use it, so neither grants access.
-- ``client_auth_type: RequireAnyClientCert`` (and its old alias ``RequireClientCert``): OpenSSL
-  cannot demand a certificate without verifying it, so we verify against ``client_ca_file`` /
-  ``client_ca`` (stricter than Go). Without a client CA this is an error rather than a silent
-  downgrade to no client authentication.
+- ``curve_preferences``: Python cannot set a curve preference list.
+- ``client_auth_type: RequestClientCert``, ``RequireAnyClientCert`` (and its old alias
+  ``RequireClientCert``): OpenSSL cannot ask for or demand a certificate without verifying it;
+  use ``VerifyClientCertIfGiven`` or ``RequireAndVerifyClientCert`` with a client CA.
+
+Accepted with a warning in ``WebConfig.warnings`` (also logged at WARNING when loading):
+
+- ``http_server_config.http2: true``: the server speaks HTTP/1.1 only (clients fall back to it).
 - Client verification without any client CA uses the system's CAs, as Go does.
 - ``TLS10``/``TLS11``: allowed, but OpenSSL 3's default security level may still refuse them.
 - TLS 1.3 names in ``cipher_suites``: ignored, as Go ignores them.
+
+Header values must be characters HTTP can carry; basic-auth hashes are checked with bcrypt itself
+(an invalid salt is a load error, not a failed login).
 
 Every problem in the file is reported at once, each as ``FILE:LINE: message``; a problem with the
 file as a whole (unreadable) is ``FILE: message``. Relative paths are resolved against the
@@ -33,6 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import bcrypt
 import yaml
 
 from .configfile import ABSENT, ConfigError, Reader, describe, is_null, load
@@ -89,6 +92,8 @@ HEADERS: Mapping[str, tuple[str, ...]] = {
 }
 
 # What golang.org/x/crypto/bcrypt and Python's bcrypt both verify.
+# RFC 9110 field-value characters (h11 checks the same): visible ASCII, space, tab, obs-text.
+_HEADER_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _BCRYPT_RE = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
 MAX_RATE_INTERVAL = 86400.0
 MAX_BURST = 1_000_000
@@ -305,8 +310,8 @@ def _read_tls(r: _Reader, section_knode: yaml.Node, node: yaml.Node, base: str) 
                         r.error(inode, f"{name}: unknown curve {s!r}; expected one of "
                                 + ", ".join(CURVES))
                 if items and not bad:
-                    r.warn(knode, f"{name}: not honoured; Python's ssl module cannot set a curve "
-                           "preference list, OpenSSL's default groups are used")
+                    r.error(knode, f"{name}: cannot be honoured; Python's ssl module cannot set a "
+                            "curve preference list (remove it to use OpenSSL's default groups)")
                 v[key] = tuple(s for s, _ in items)
         elif key == "prefer_server_cipher_suites":
             b = r.boolean(vnode, name)
@@ -357,18 +362,11 @@ def _read_tls(r: _Reader, section_knode: yaml.Node, node: yaml.Node, base: str) 
         r.error(at.get("client_ca_file") or at.get("client_ca"),
                 "tls_server_config: a client CA is set but client_auth_type is NoClientCert; "
                 "set client_auth_type: RequireAndVerifyClientCert")
-    if auth == "RequestClientCert":
-        r.warn(at["client_auth_type"], "tls_server_config.client_auth_type: RequestClientCert "
-               "is served as NoClientCert (a certificate that is never verified grants nothing)")
-    if auth == "RequireAnyClientCert":
-        if has_ca:
-            r.warn(at["client_auth_type"], "tls_server_config.client_auth_type: "
-                   "RequireAnyClientCert is served as RequireAndVerifyClientCert (Python's ssl "
-                   "module cannot require a certificate without verifying it)")
-        else:
-            r.error(at["client_auth_type"], "tls_server_config.client_auth_type: "
-                    "RequireAnyClientCert needs client_ca_file here: Python's ssl module cannot "
-                    "require a certificate without verifying it against a CA")
+    if auth in ("RequestClientCert", "RequireAnyClientCert"):
+        r.error(at["client_auth_type"], f"tls_server_config.client_auth_type: {auth} cannot be "
+                "honoured: Python's ssl module cannot ask for a client certificate without "
+                "verifying it; use VerifyClientCertIfGiven or RequireAndVerifyClientCert with "
+                "client_ca_file")
     if auth in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and not has_ca:
         r.warn(at["client_auth_type"], "tls_server_config: no client_ca_file, so client "
                "certificates are verified against the system's CAs")
@@ -422,6 +420,10 @@ def _read_http(r: _Reader, node: yaml.Node) -> HTTPServerConfig | None:
                 if "\r" in val or "\n" in val:
                     r.error(hvnode, f"http_server_config.headers.{hname}: value contains a line break")
                     continue
+                if not _HEADER_VALUE_RE.fullmatch(val):
+                    r.error(hvnode, f"http_server_config.headers.{hname}: value has a character HTTP "
+                            "cannot carry (only visible ASCII, spaces, tabs and Latin-1 letters)")
+                    continue
                 allowed = HEADERS[hname]
                 if allowed and val not in allowed:
                     r.error(hvnode, f"http_server_config.headers.{hname}: invalid value {val!r}; "
@@ -452,6 +454,11 @@ def _read_users(r: _Reader, node: yaml.Node) -> tuple[tuple[str, str], ...]:
         cost = int(m.group(1))
         if not 4 <= cost <= 31:
             r.error(vnode, f"{name}: bcrypt cost {cost} is outside 4..31")
+            continue
+        try:  # the salt as bcrypt reads it, at the lowest cost: a bad one would fail every login
+            bcrypt.hashpw(b"", (h[:4] + "04" + h[6:29]).encode("ascii"))
+        except ValueError:
+            r.error(vnode, f"{name}: the bcrypt hash has an invalid salt")
             continue
         if ":" in user:
             r.warn(knode, f"{name}: a user name with ':' can never log in with basic auth")

@@ -257,27 +257,52 @@ def test_version_flag():
     assert result.returncode == 0 and "libvirt-blockjob-exporter" in result.stdout
 
 
-def test_a_hung_domain_does_not_freeze_the_other_jobs(vm_factory, exporter):
-    """A QEMU that stops answering blocks blockJobInfo forever; only that domain may go stale."""
-    moving = vm_factory.create("moving", depth=1, data_mib=200, paused=True)
-    hung = vm_factory.create("hung", depth=1, data_mib=200, paused=True)
-    ex = exporter()
-    vmlib.start_pull(moving, "vda", bandwidth_bytes=4 * MiB)
-    vmlib.start_pull(hung, "vda", bandwidth_bytes=4 * MiB)
-    for vm in (moving, hung):
+def test_a_hung_domain_blames_only_itself_and_the_others_follow_virsh(vm_factory, exporter):
+    """A QEMU that stops answering blocks blockJobInfo forever. For the whole stop every other
+    domain's exported cursor follows virsh within one poll interval, only the stopped domain is
+    named (log and metric), and its job is unknown, not ended."""
+    healthy = [vm_factory.create(f"healthy{i}", depth=1, data_mib=300, paused=True) for i in range(2)]
+    hung = vm_factory.create("hung", depth=1, data_mib=300, paused=True)
+    ex = exporter(poll_interval="1s")
+    for vm in (*healthy, hung):
+        vmlib.start_pull(vm, "vda", bandwidth_bytes=4 * MiB)
+    for vm in (*healthy, hung):
         ex.wait_value("libvirt_blockjob_cursor", job_labels(vm.name), lambda v: v is not None, timeout=5)
-    pid = int(open(f"/run/libvirt/qemu/{hung.name}.pid").read().strip())
+    history = {vm.name: [] for vm in healthy}  # (monotonic, virsh cur)
+    worst = {vm.name: 0.0 for vm in healthy}
+    pid = vmlib.qemu_pid(hung)
     os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(2.5)  # past the 1 s call timeout: the poller has walked away from the hung domain
-        before = ex.value("libvirt_blockjob_cursor", job_labels(moving.name))
-        ex.wait_value("libvirt_blockjob_cursor", job_labels(moving.name), lambda v: v is not None and v > before,
-                      timeout=5, what="cursor of the healthy domain while another hangs")
-        assert "has not answered" in ex.output()
+        stop_until = time.monotonic() + 25
+        named = False
+        while time.monotonic() < stop_until:
+            for vm in healthy:
+                info = vmlib.job_info(vm)
+                assert info is not None, f"{vm.name}'s pull ended early"
+                history[vm.name].append((time.monotonic(), info["cur"]))
+            scrape, now = ex.scrape(), time.monotonic()
+            for vm in healthy:
+                exported = scrape.get("libvirt_blockjob_cursor", job_labels(vm.name))
+                # how long ago virsh last showed a cursor at or below the exported one: the lag
+                behind = [t for t, cur in history[vm.name] if cur > exported]
+                lag = now - min(behind) if behind else 0.0
+                worst[vm.name] = max(worst[vm.name], lag)
+                assert scrape.get("libvirt_blockjob_domain_unresponsive", {"domain": vm.name}) is None
+            named |= scrape.get("libvirt_blockjob_domain_unresponsive", {"domain": hung.name}) == 1
+            time.sleep(0.2)
         frozen = ex.value("libvirt_blockjob_cursor", job_labels(hung.name))
         assert frozen is not None  # its job is unknown, not ended
     finally:
         os.kill(pid, signal.SIGCONT)
+    assert named, "the hung domain was never named in libvirt_blockjob_domain_unresponsive"
+    # One poll interval, plus the sampling step of this loop.
+    assert max(worst.values()) <= 1.25, f"healthy cursors lagged virsh by {worst} s"
+    log = ex.output()
+    assert f"blockJobInfo on {hung.name} has not answered" in log
+    for vm in healthy:
+        assert f"blockJobInfo on {vm.name} has not answered" not in log
+        assert f"domain {vm.name} answers" not in log
     ex.wait_value("libvirt_blockjob_cursor", job_labels(hung.name), lambda v: v is not None and v > frozen,
                   timeout=10, what="cursor of the domain once it answers again")
+    assert ex.value("libvirt_blockjob_domain_unresponsive", {"domain": hung.name}) is None
     assert outcome_counts(ex, hung.name) == {"completed": 0, "failed": 0, "canceled": 0}
