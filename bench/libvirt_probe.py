@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import libvirt
 
 from exporter.domain_xml import parse_disks
-from exporter.libvirt_host import ensure_event_loop
+from exporter.libvirt_events import ensure_event_loop
 
 FLAGS = libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
 

@@ -191,7 +191,7 @@ def run_exporter(args: argparse.Namespace) -> int:
         from .policy.engine import PolicyEngine
 
         try:  # before anything starts: a bad file stops the exporter here
-            engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host)
+            engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host.actions)
         except PolicyError as err:  # unreadable files included
             print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
             return 1

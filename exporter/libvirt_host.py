@@ -1,13 +1,17 @@
-"""The only module that talks to libvirt: connection, event loop, reconnect, polling, actions.
+"""The poller and the dispatcher: the part of the exporter that keeps the state true to libvirt.
 
-Three threads, each with one job:
+Split as nova's libvirt host module is: ``libvirt_events`` (the event loop; callbacks that only
+enqueue records), ``libvirt_conn`` (the main connection, reconnect with backoff),
+``libvirt_readers`` (``blockJobInfo`` on reader threads with their own connections), this module
+(inventory, scheduling, resync) and ``libvirt_actions`` (what the enforcing policy does).
 
-* the libvirt event loop (``virEventRunDefaultImpl``): callbacks only build an immutable record and
-  put it on a queue; no logging, no locks held for long, no libvirt calls;
-* the dispatcher: applies those records to the state and tells outcome listeners;
-* the poller: owns the connection (connect, resync, reconnect with backoff), refreshes the disk
-  inventory, polls ``blockJobInfo`` once per disk per interval and runs the post-cycle hook (the
-  policy engine), so every libvirt call of ours is made from one thread, in order.
+Two threads here:
+
+* the dispatcher applies, in order, every record on one queue: the events, and what the poller
+  read (``_post``), which libvirt's event loop puts behind the events that arrived before it. It
+  is the one place outcomes come from, and it tells the outcome listeners;
+* the poller owns the main connection (connect, resync, reconnect), refreshes the inventory, reads
+  the disks' jobs once per interval and runs the post-cycle hook (the policy engine).
 
 Safety: the only per-domain calls are ``XMLDesc``, ``blockJobInfo`` and, when the policy enforces,
 ``blockPull``/``blockRebase``/``blockJobAbort``. Never ``virDomainGetBlockInfo`` or the BLOCK stats
@@ -20,13 +24,18 @@ import logging
 import queue
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import libvirt
 
 from .domain_xml import parse_disks
+from .libvirt_actions import Actions
+from .libvirt_conn import Connection
+from .libvirt_events import EventCallbacks, EventLoop, ensure_event_loop, instance_of, silence_libvirt_stderr
+from .libvirt_readers import DOMAIN_GONE_ERRORS, JobReaders, Target, job_info_from_libvirt
+from .logsetup import RateLimitedLog
 from .model import (
     BlockJobEvent,
     ConnectionEvent,
@@ -39,177 +48,10 @@ from .model import (
     PollAnswer,
     Snapshot,
 )
-from .libvirt_readers import JobReaders, Target
 from .selfstats import SelfStats
 from .state import State
 
 log = logging.getLogger(__name__)
-
-_JOB_TYPES = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_UNKNOWN: "unknown",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active_commit",
-    getattr(libvirt, "VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP", 5): "backup",
-}
-_JOB_STATUSES = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "canceled",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
-}
-_LIFECYCLE = {
-    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
-    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
-    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
-}
-_STOPPED_BY_FAILURE = (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
-_DOMAIN_GONE_ERRORS = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
-
-def _silence_libvirt_stderr(_ctx: object, _err: object) -> None:
-    """libvirt prints every error to stderr by default; we log the ones we care about instead."""
-
-
-class _EventLoop:
-    """libvirt's default event loop on its own thread, which a poll cycle can hold still.
-
-    While the loop thread waits in ``poll()``, every RPC that another thread makes wakes it two or
-    three times: libvirt switches the connection's watch off and on around each call and re-arms
-    the keepalive timer on every reply. At 200 disks a second that was 1.2 % of a core spent on
-    nothing (bench: 2.85 % for a bare ``blockJobInfo`` loop beside a running loop, 1.67 % with the
-    loop held). libvirt only interrupts a loop that is inside an iteration, so a poll cycle parks
-    the loop thread between iterations; events that arrive meanwhile wait in libvirt's queue and
-    are delivered as soon as the cycle ends (a delay of at most one cycle, ~0.1 s at 200 disks).
-    """
-
-    _PARK_WAIT = 0.05  # a loop busy in a callback parks right after it; never wait longer
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._holders = 0
-        self._parked = False
-        # Set when the last holder lets go: the loop then runs at least one iteration before it
-        # parks again, so back-to-back cycles (a poll interval shorter than a cycle) cannot
-        # starve event delivery.
-        self._turn_owed = False
-        self._kick_timer = -1
-
-    def start(self) -> None:
-        libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
-        libvirt.virEventRegisterDefaultImpl()
-        # A disabled timer: arming it ends the loop's current iteration, so it can park.
-        self._kick_timer = libvirt.virEventAddTimeout(-1, self._on_kick, None)
-        threading.Thread(target=self._run, name="libvirt-event-loop", daemon=True).start()
-
-    def _run(self) -> None:
-        run_once = libvirt.virEventRunDefaultImpl
-        cond = self._cond
-        while True:
-            if self._holders:
-                with cond:
-                    while self._holders and not self._turn_owed:
-                        self._parked = True
-                        cond.notify_all()
-                        cond.wait()
-                    self._parked = False
-                    self._turn_owed = False
-            run_once()
-
-    @staticmethod
-    def _on_kick(timer: int, _opaque: object) -> None:
-        libvirt.virEventUpdateTimeout(timer, -1)
-
-    @staticmethod
-    def call_soon(fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop thread after every event that had reached this host's sockets.
-
-        libvirt's client queues each event it reads and arms a zero timer to dispatch it; the
-        loop fires due timers in the order they were added, before it reads the sockets that
-        poll() found readable. So ``fn`` waits one whole iteration (which reads every event
-        already in a socket) and then fires behind the timers that dispatch them: poll answers,
-        read on the readers' own connections, are applied behind every event libvirtd sent
-        before them.
-        """
-        def fire(timer: int, hops: list[int]) -> None:
-            libvirt.virEventRemoveTimeout(timer)
-            if hops[0]:
-                hops[0] -= 1
-                libvirt.virEventAddTimeout(0, fire, hops)
-            else:
-                fn()
-
-        libvirt.virEventAddTimeout(0, fire, [1])
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Keep the loop parked for the duration (nestable; other threads may hold it too)."""
-        with self._cond:
-            self._holders += 1
-            if not self._parked or self._turn_owed:
-                libvirt.virEventUpdateTimeout(self._kick_timer, 0)
-                self._cond.wait_for(lambda: self._parked and not self._turn_owed, self._PARK_WAIT)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._holders -= 1
-                if not self._holders:
-                    self._turn_owed = True
-                    self._cond.notify_all()
-
-
-_event_loop_lock = threading.Lock()
-_event_loop: _EventLoop | None = None
-
-
-def ensure_event_loop() -> _EventLoop:
-    """Start libvirt's default event loop once per process, before any connection is opened.
-
-    Opening a connection first means no event is ever delivered on it.
-    """
-    global _event_loop
-    with _event_loop_lock:
-        if _event_loop is None:
-            loop = _EventLoop()
-            loop.start()
-            _event_loop = loop
-        return _event_loop
-
-
-def job_info_from_libvirt(raw: dict) -> JobInfo | None:
-    if not raw:
-        return None
-    return JobInfo(
-        job_type=_JOB_TYPES.get(raw.get("type", 0), "unknown"),
-        cur=int(raw.get("cur", 0)),
-        end=int(raw.get("end", 0)),
-        bandwidth=int(raw.get("bandwidth", 0)),
-    )
-
-
-class _RateLimitedLog:
-    """One warning per (what) per interval, so a flapping domain cannot flood the log."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-
-    def warning(self, what: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(what, -self._interval) >= self._interval:
-            self._last[what] = now
-            log.warning(message, *args)
-        else:
-            log.debug(message, *args)
-
-
-def _instance_of(dom: libvirt.virDomain) -> DomainInstance:
-    # Both are kept in the handle (no RPC): libvirt sends name, UUID and id with every domain.
-    return DomainInstance(dom.UUIDString(), dom.ID())
 
 
 @dataclass(frozen=True)
@@ -218,6 +60,10 @@ class _Ordered:
 
     apply: Callable[[], tuple[OutcomeRecord, ...]]
     done: threading.Event
+
+
+class _DomainGone(Exception):
+    pass
 
 
 class LibvirtHost:
@@ -236,22 +82,20 @@ class LibvirtHost:
         reconnect_max_delay: float = 2.0,
     ) -> None:
         self.uri = uri
-        self.read_only = read_only
         self._state = state
         self._stats = stats
         self._poll_interval = poll_interval
         self._inventory_interval = inventory_interval
         self._on_outcomes = on_outcomes
         self._after_cycle = after_cycle
-        self._reconnect_max_delay = reconnect_max_delay
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._refresh_lock = threading.Lock()
         self._refresh_domains: set[str] = set()
-        self._conn: libvirt.virConnect | None = None
-        self._callback_ids: list[int] = []
+        self._connection = Connection(uri, read_only, stats, EventCallbacks(self._events), self._on_lost,
+                                      reconnect_max_delay)
         self._domains: dict[str, libvirt.virDomain] = {}
         self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
         self._disks_by_domain: dict[str, tuple[str, ...]] = {}
@@ -259,11 +103,16 @@ class LibvirtHost:
         self._ever_connected = False
         self._last_inventory = 0.0
         self._threads: list[threading.Thread] = []
-        self._warn = _RateLimitedLog()
-        self._event_loop: _EventLoop | None = None
+        self._warn = RateLimitedLog(log)
+        self._event_loop: EventLoop | None = None
         self._readers = JobReaders(uri or None, stats, call_timeout=max(1.0, 2 * poll_interval),
                                    patience=max(0.05, poll_interval / 10), on_unresponsive=state.set_unresponsive,
                                    wake=self._wake.set)
+        self.actions = Actions(self)
+
+    @property
+    def _conn(self) -> libvirt.virConnect | None:
+        return self._connection.conn
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -289,25 +138,7 @@ class LibvirtHost:
         """Ask the poller to run the post-cycle hook soon (e.g. after a policy reload)."""
         self._wake.set()
 
-    # ------------------------------------------------------------------ event loop thread
-
-    def _on_block_job(self, _conn, dom, path, job_type, status, _opaque) -> None:
-        self._events.put(BlockJobEvent(dom.name(), path, _JOB_TYPES.get(job_type, "unknown"),
-                                       _JOB_STATUSES.get(status, "unknown"), "block_job",
-                                       time.monotonic(), time.time(), _instance_of(dom)))
-
-    def _on_block_job_2(self, _conn, dom, disk, job_type, status, _opaque) -> None:
-        self._events.put(BlockJobEvent(dom.name(), disk, _JOB_TYPES.get(job_type, "unknown"),
-                                       _JOB_STATUSES.get(status, "unknown"), "block_job_2",
-                                       time.monotonic(), time.time(), _instance_of(dom)))
-
-    def _on_lifecycle(self, _conn, dom, event, detail, _opaque) -> None:
-        kind = _LIFECYCLE.get(event, "other")
-        if kind == "stopped" and detail in _STOPPED_BY_FAILURE:
-            kind = "crashed"
-        self._events.put(LifecycleEvent(dom.name(), kind, time.monotonic(), time.time(), _instance_of(dom)))
-
-    def _on_close(self, _conn, _reason, _opaque) -> None:
+    def _on_lost(self) -> None:  # libvirt's close callback, on the event loop thread
         self._lost.set()
         self._wake.set()
 
@@ -378,7 +209,6 @@ class LibvirtHost:
     # ------------------------------------------------------------------ poller thread
 
     def _poll_loop(self) -> None:
-        delay = 0.5
         next_poll = time.monotonic()
         while not self._stop.is_set():
             if self._lost.is_set() or self._conn is None:
@@ -386,10 +216,8 @@ class LibvirtHost:
                     log.warning("lost the connection to %s; reconnecting", self.uri)
                     self._disconnect()
                 if not self._connect():
-                    self._stop.wait(delay)
-                    delay = min(delay * 2, self._reconnect_max_delay)
+                    self._stop.wait(self._connection.retry_delay())
                     continue
-                delay = 0.5
                 next_poll = time.monotonic() + self._poll_interval
             try:
                 self._cycle(next_poll)
@@ -435,70 +263,31 @@ class LibvirtHost:
                 log.exception("post-cycle hook failed")
 
     def _connection_alive(self) -> bool:
-        conn = self._conn
-        if conn is None:
-            return False
-        try:
-            return bool(conn.isAlive())
-        except libvirt.libvirtError:
-            return False
+        return self._connection.alive()
 
     def _connect(self) -> bool:
-        try:
-            conn = libvirt.openReadOnly(self.uri) if self.read_only else libvirt.open(self.uri)
-            self._stats.calls("open")
-        except libvirt.libvirtError as err:
-            self._stats.calls("open", errors=1)
-            self._warn.warning("connect", "cannot connect to %s: %s (retrying)", self.uri, str(err).strip())
-            return False
         self._lost.clear()
-        self._conn = conn
+        if not self._connection.open():
+            return False
         try:
-            try:
-                conn.setKeepAlive(5, 3)
-            except libvirt.libvirtError:
-                pass  # not every driver supports keepalive; the close callback still works
-            conn.registerCloseCallback(self._on_close, None)
-            for event_id, callback in (
-                (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job_2),
-                (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB, self._on_block_job),
-                (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
-            ):
-                self._callback_ids.append(conn.domainEventRegisterAny(None, event_id, callback, None))
             self._resync()
         except libvirt.libvirtError as err:
-            self._warn.warning("connect", "connected to %s but setting up failed: %s", self.uri, err)
+            self._warn.warning("connect", "connected to %s but the first read failed: %s", self.uri, err)
             self._disconnect()
             return False
         if self._ever_connected:
             self._stats.reconnected()
             log.info("reconnected to %s", self.uri)
         else:
-            log.info("connected to %s (%s)", self.uri, "read-only" if self.read_only else "read-write")
+            log.info("connected to %s (%s)", self.uri, "read-only" if self._connection.read_only else "read-write")
         self._ever_connected = True
         self._state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
         return True
 
     def _disconnect(self) -> None:
         self._readers.close()
-        conn, self._conn = self._conn, None
+        self._connection.close()
         self._state.apply(ConnectionEvent(False, time.monotonic(), time.time()))
-        if conn is None:
-            return
-        for callback_id in self._callback_ids:
-            try:
-                conn.domainEventDeregisterAny(callback_id)
-            except libvirt.libvirtError:
-                pass
-        self._callback_ids = []
-        try:
-            conn.unregisterCloseCallback()
-        except libvirt.libvirtError:
-            pass
-        try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass
         self._domains = {}
         self._disks_by_domain = {}
         self._targets = None
@@ -528,7 +317,7 @@ class LibvirtHost:
         self._disks_by_domain = {name: tuple(d.disk for d in disks) for name, disks in inventory.items()}
         self._targets = None
         self._last_inventory = time.monotonic()
-        return inventory, {name: _instance_of(dom) for name, dom in handles.items()}
+        return inventory, {name: instance_of(dom) for name, dom in handles.items()}
 
     def _resync(self) -> None:
         """Full truth after (re)connect: every running domain's disks and every active job."""
@@ -554,7 +343,7 @@ class LibvirtHost:
             self._stats.calls("XMLDesc")
         except (_DomainGone, libvirt.libvirtError) as err:
             if isinstance(err, libvirt.libvirtError):
-                if err.get_error_code() not in _DOMAIN_GONE_ERRORS:
+                if err.get_error_code() not in DOMAIN_GONE_ERRORS:
                     self._stats.calls("XMLDesc", 0, errors=1)
                     raise
             self._domains.pop(name, None)
@@ -570,7 +359,7 @@ class LibvirtHost:
             self._targets = None
         self._domains[name] = dom
         self._disks_by_domain[name] = disk_names
-        instance = _instance_of(dom)
+        instance = instance_of(dom)
         self._post(lambda: self._state.update_domain(name, disks, instance))
 
     def _parse_disks(self, name: str, xml: str) -> tuple[DiskInfo, ...]:
@@ -608,7 +397,7 @@ class LibvirtHost:
         domains."""
         targets = self._targets
         if targets is None:
-            targets = self._targets = [Target(name, dom, disk, _instance_of(dom))
+            targets = self._targets = [Target(name, dom, disk, instance_of(dom))
                                        for name, dom in self._domains.items()
                                        for disk in self._disks_by_domain.get(name, ())]
         moved = self._state.job_cursor_times()
@@ -635,7 +424,7 @@ class LibvirtHost:
                     continue
                 errors += 1
                 complete = False
-                if result.get_error_code() in _DOMAIN_GONE_ERRORS:
+                if result.get_error_code() in DOMAIN_GONE_ERRORS:
                     if target.domain not in gone:
                         log.info("domain %s went away during the poll; skipping it", target.domain)
                         gone.append(target.domain)
@@ -659,8 +448,6 @@ class LibvirtHost:
                 self._wake.set()
         return answers, complete
 
-    # ------------------------------------------------------------------ actions (policy, enforcing)
-
     def fresh_snapshot(self) -> Snapshot:
         """Every disk's job read now and applied: for a decision that must count every job on the
         host, including one started by someone else since the last poll."""
@@ -670,70 +457,21 @@ class LibvirtHost:
         self._post(lambda: self._state.apply_polls(answers), wait=True)
         return self._state.snapshot()
 
-    def _writable_domain(self, domain: str) -> libvirt.virDomain:
-        if self.read_only or self._conn is None:
-            raise PermissionError("the libvirt connection is read-only (policy not enforcing) or down")
-        return self._conn.lookupByName(domain)
-
-    def start_pull(self, domain: str, disk: str, bandwidth_bytes: int) -> None:
-        dom = self._writable_domain(domain)
-        try:
-            dom.blockPull(disk, bandwidth_bytes, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
-        finally:
-            self._stats.calls("blockPull")
-        self._poll_one(domain, disk, dom)
-
-    def start_rebase(self, domain: str, disk: str, base_path: str, bandwidth_bytes: int) -> None:
-        dom = self._writable_domain(domain)
-        try:
-            dom.blockRebase(disk, base_path, bandwidth_bytes, libvirt.VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES)
-        finally:
-            self._stats.calls("blockRebase")
-        self._poll_one(domain, disk, dom)
-
-    def abort_job(self, domain: str, disk: str) -> None:
-        dom = self._writable_domain(domain)
-        try:
-            dom.blockJobAbort(disk, 0)
-        finally:
-            self._stats.calls("blockJobAbort")
-
     def _poll_one(self, domain: str, disk: str, dom: libvirt.virDomain) -> None:
-        """Make a job we just started visible at once, so the next decision counts it."""
-        started = time.monotonic()
-        try:
-            raw = dom.blockJobInfo(disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
-            self._stats.calls("blockJobInfo")
-        except libvirt.libvirtError:
-            self._stats.calls("blockJobInfo", errors=1)
-            return
-        answer = PollAnswer(domain, disk, _instance_of(dom), job_info_from_libvirt(raw), started)
-        self._post(lambda: self._state.apply_polls((answer,)), wait=True)
+        """Make a job the policy just started visible at once, so the next decision counts it."""
+        answers, _complete = self._read_answers([Target(domain, dom, disk, instance_of(dom))])
+        self._post(lambda: self._state.apply_polls(answers), wait=True)
 
 
-class _DomainGone(Exception):
-    pass
-
-
-def open_read_only_for_plan(uri: str) -> "PlanReader":
-    """A one-shot reader for ``policy plan``: inventory and jobs, no events."""
-    return PlanReader(uri)
-
-
-class PlanReader:
-    def __init__(self, uri: str) -> None:
-        libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
-        self._uri = uri
-        self._conn = libvirt.openReadOnly(uri)
-
-    def read(self, state: State) -> None:
-        host = LibvirtHost(uri=self._uri, state=state, stats=SelfStats())
-        host._conn = self._conn
-        try:
-            host._resync()
-        finally:
-            host._readers.close()
-        state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
-
-    def close(self) -> None:
-        self._conn.close()
+def read_once(uri: str, state: State) -> None:
+    """Fill ``state`` with the domains, disks and jobs of ``uri`` once, read-only and without
+    events: what ``policy plan`` decides on."""
+    libvirt.registerErrorHandler(silence_libvirt_stderr, None)
+    host = LibvirtHost(uri, state, SelfStats())
+    if not host._connection.open():
+        raise ConnectionError(f"cannot connect to {uri}")
+    try:
+        host._resync()
+    finally:
+        host._disconnect()
+    state.apply(ConnectionEvent(True, time.monotonic(), time.time()))

@@ -30,10 +30,25 @@ from typing import Callable
 
 import libvirt
 
-from .model import DiskKey, DomainInstance
+from .libvirt_events import JOB_TYPES
+from .model import DiskKey, DomainInstance, JobInfo
 from .selfstats import SelfStats
 
 log = logging.getLogger(__name__)
+
+# What libvirt says of a domain that stopped or vanished meanwhile.
+DOMAIN_GONE_ERRORS = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
+
+
+def job_info_from_libvirt(raw: dict) -> JobInfo | None:
+    if not raw:
+        return None
+    return JobInfo(
+        job_type=JOB_TYPES.get(raw.get("type", 0), "unknown"),
+        cur=int(raw.get("cur", 0)),
+        end=int(raw.get("end", 0)),
+        bandwidth=int(raw.get("bandwidth", 0)),
+    )
 
 
 @dataclass(frozen=True)

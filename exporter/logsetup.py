@@ -34,3 +34,20 @@ def setup_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel({"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
                    "error": logging.ERROR}[level])
+
+
+class RateLimitedLog:
+    """One warning per (what) per interval, so a flapping domain cannot flood the log."""
+
+    def __init__(self, log: logging.Logger, interval: float = 60.0) -> None:
+        self._log = log
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def warning(self, what: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(what, -self._interval) >= self._interval:
+            self._last[what] = now
+            self._log.warning(message, *args)
+        else:
+            self._log.debug(message, *args)

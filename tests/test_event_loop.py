@@ -13,7 +13,7 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt")
 
-from exporter.libvirt_host import ensure_event_loop  # noqa: E402
+from exporter.libvirt_events import ensure_event_loop  # noqa: E402
 
 
 @pytest.fixture

@@ -261,8 +261,8 @@ def test_a_hung_domain_blames_only_itself_and_the_others_follow_virsh(vm_factory
     """A QEMU that stops answering blocks blockJobInfo forever. For the whole stop every other
     domain's exported cursor follows virsh within one poll interval, only the stopped domain is
     named (log and metric), and its job is unknown, not ended."""
-    healthy = [vm_factory.create(f"healthy{i}", depth=1, data_mib=300, paused=True) for i in range(2)]
-    hung = vm_factory.create("hung", depth=1, data_mib=300, paused=True)
+    healthy = [vm_factory.create(f"healthy{i}", depth=1, data_mib=300, size_mib=512, paused=True) for i in range(2)]
+    hung = vm_factory.create("hung", depth=1, data_mib=300, size_mib=512, paused=True)
     ex = exporter(poll_interval="1s")
     for vm in (*healthy, hung):
         vmlib.start_pull(vm, "vda", bandwidth_bytes=4 * MiB)

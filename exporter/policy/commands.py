@@ -68,13 +68,9 @@ def policy_plan(
 
 def _read_snapshot(uri: str) -> Snapshot:
     # Imported here: only libvirt_host imports libvirt, and `policy check` must work without it.
-    from exporter.libvirt_host import open_read_only_for_plan
+    from exporter.libvirt_host import read_once
     from exporter.state import State
 
     state = State()
-    reader = open_read_only_for_plan(uri)
-    try:
-        reader.read(state)
-    finally:
-        reader.close()
+    read_once(uri, state)
     return state.snapshot()
