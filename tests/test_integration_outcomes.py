@@ -214,7 +214,12 @@ def test_the_policy_never_exceeds_max_concurrent_when_a_job_is_started_by_hand(v
         "limits": {"max_concurrent": 2 + foreign},
     }))
     ex = exporter(f"--policy.file={policy}", "--policy.enforce", poll_interval="1s")
-    vmlib.wait_for(lambda: len(vmlib.domains_with_job(policy_vms)) == 2, timeout=20, what="two policy pulls")
+    try:
+        vmlib.wait_for(lambda: len(vmlib.domains_with_job(policy_vms)) == 2, timeout=20, what="two policy pulls")
+    except TimeoutError:
+        if foreign_jobs() != foreign:
+            pytest.skip("shared host too busy: block jobs of other domains came or went during the test")
+        raise
     time.sleep(1.5)  # the policy has settled on two
     running = vmlib.domains_with_job(policy_vms)
     assert len(running) == 2
