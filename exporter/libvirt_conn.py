@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 class Connection:
     _FIRST_DELAY = 0.5
 
-    def __init__(self, uri: str, read_only: bool, stats: SelfStats, callbacks: EventCallbacks,
+    def __init__(self, uri: str, read_only: bool, stats: SelfStats, callbacks: EventCallbacks | None,
                  on_lost: Callable[[], None], max_delay: float = 2.0) -> None:
+        """``callbacks`` None: a one-shot reader with no event loop (no events, no close callback)."""
         self.uri = uri
         self.read_only = read_only
         self._stats = stats
@@ -45,6 +46,8 @@ class Connection:
             self._warn.warning("connect", "cannot connect to %s: %s (retrying)", self.uri, str(err).strip())
             return False
         self.conn = conn
+        if self._callbacks is None:
+            return True
         try:
             try:
                 conn.setKeepAlive(5, 3)

@@ -80,6 +80,7 @@ class LibvirtHost:
         on_outcomes: Callable[[tuple[OutcomeRecord, ...]], None] | None = None,
         after_cycle: Callable[[], None] | None = None,
         reconnect_max_delay: float = 2.0,
+        events: bool = True,
     ) -> None:
         self.uri = uri
         self._state = state
@@ -94,8 +95,8 @@ class LibvirtHost:
         self._lost = threading.Event()
         self._refresh_lock = threading.Lock()
         self._refresh_domains: set[str] = set()
-        self._connection = Connection(uri, read_only, stats, EventCallbacks(self._events), self._on_lost,
-                                      reconnect_max_delay)
+        self._connection = Connection(uri, read_only, stats, EventCallbacks(self._events) if events else None,
+                                      self._on_lost, reconnect_max_delay)
         self._domains: dict[str, libvirt.virDomain] = {}
         self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
         self._disks_by_domain: dict[str, tuple[str, ...]] = {}
@@ -467,7 +468,7 @@ def read_once(uri: str, state: State) -> None:
     """Fill ``state`` with the domains, disks and jobs of ``uri`` once, read-only and without
     events: what ``policy plan`` decides on."""
     libvirt.registerErrorHandler(silence_libvirt_stderr, None)
-    host = LibvirtHost(uri, state, SelfStats())
+    host = LibvirtHost(uri, state, SelfStats(), events=False)
     if not host._connection.open():
         raise ConnectionError(f"cannot connect to {uri}")
     try:
