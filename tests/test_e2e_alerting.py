@@ -45,6 +45,7 @@ EVENT_ONLY_ALERT_INPUTS = {
     "libvirt_blockjob_cursor_last_change_timestamp_seconds": "while a job runs: test_throttled_pull_fires_...",
     "libvirt_blockjob_ready": "while a job runs: test_throttled_pull_fires_libvirt_block_job_stalled",
     "libvirt_blockjob:eta_seconds:rate5m": "while a job moves: test_every_dashboard_query_has_data (rate1m)",
+    "libvirt_blockjob_domain_unresponsive": "while a QEMU hangs: test_integration_core's hung-domain test",
 }
 # Dashboard queries allowed to return nothing in the scenario of test_every_dashboard_query_has_data,
 # as {(panel title, query): reason}. Empty: the scenario gives every query data.
