@@ -73,3 +73,42 @@ def tmp_images():
     """A fresh /var/lib/libvirt/images/lbje-test-images-*/ (qemu can read it), removed after."""
     with vmlib.images_dir("images") as path:
         yield path
+
+
+@pytest.fixture
+def exporter(request):
+    """``exporter(*args, connected=False, **kw)`` starts ``python -m exporter`` (exporterlib.Exporter);
+    with ``connected`` it returns once the exporter has connected and polled once. All are stopped
+    at teardown; their logs are kept (and named) when the test failed."""
+    from exporterlib import Exporter
+
+    started: list = []
+    failed_before = request.session.testsfailed
+
+    def make(*args: str, connected: bool = False, **kw):
+        instance = Exporter(*args, **kw)
+        started.append(instance)
+        if connected:  # a busy shared host can take many seconds to list every domain
+            instance.wait_value("libvirt_blockjob_poll_cycles_total", None, lambda v: v and v >= 1, timeout=90,
+                                what="connected and polled once")
+        return instance
+
+    yield make
+    for instance in started:
+        instance.stop()
+        if request.session.testsfailed == failed_before:
+            Path(instance.log.name).unlink(missing_ok=True)
+        else:
+            print(f"exporter log: {instance.log.name}")
+
+
+@pytest.fixture
+def libvirtd_restarts():
+    """For tests that stop libvirtd: skipped with LBJE_SKIP_LIBVIRTD_RESTART=1, and libvirtd is
+    started again whatever happened."""
+    from exporterlib import start_libvirtd
+
+    if os.environ.get("LBJE_SKIP_LIBVIRTD_RESTART") == "1":
+        pytest.skip("LBJE_SKIP_LIBVIRTD_RESTART=1")
+    yield
+    start_libvirtd()

@@ -35,28 +35,6 @@ def assert_stays(exporter: Exporter, domain: str, expected: dict, seconds: float
     assert outcome_counts(exporter, domain, **kw) == expected
 
 
-@pytest.fixture
-def exporter():
-    started: list[Exporter] = []
-
-    def make(*args: str, **kw) -> Exporter:
-        instance = Exporter(*args, **kw)
-        started.append(instance)
-        return instance
-
-    yield make
-    for instance in started:
-        instance.stop()
-
-
-@pytest.fixture
-def libvirtd_restarts():
-    if os.environ.get("LBJE_SKIP_LIBVIRTD_RESTART") == "1":
-        pytest.skip("LBJE_SKIP_LIBVIRTD_RESTART=1")
-    yield
-    start_libvirtd()  # whatever happened, leave libvirtd running
-
-
 def test_capped_pull_progress_bandwidth_and_one_completion(vm_factory, exporter):
     vm = vm_factory.create("capped", depth=2, data_mib=200, paused=True)
     ex = exporter()

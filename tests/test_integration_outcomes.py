@@ -23,27 +23,11 @@ OUTCOMES = ("completed", "failed", "canceled")
 
 
 @pytest.fixture
-def exporter():
-    started: list[Exporter] = []
-
+def exporter(exporter):
+    """conftest's, returning once the exporter has connected and polled once."""
     def make(*args: str, **kw) -> Exporter:
-        instance = Exporter(*args, **kw)
-        started.append(instance)
-        instance.wait_value("libvirt_blockjob_poll_cycles_total", None, lambda v: v and v >= 1, timeout=60,
-                            what="connected and polled once")
-        return instance
-
-    yield make
-    for instance in started:
-        instance.stop()
-
-
-@pytest.fixture
-def libvirtd_restarts():
-    if os.environ.get("LBJE_SKIP_LIBVIRTD_RESTART") == "1":
-        pytest.skip("LBJE_SKIP_LIBVIRTD_RESTART=1")
-    yield
-    start_libvirtd()
+        return exporter(*args, connected=True, **kw)
+    return make
 
 
 def counts(ex: Exporter, domain: str, disk: str = "vda", job_type: str = "pull") -> dict:

@@ -41,27 +41,12 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 @pytest.fixture
-def exporter(request):
-    """``exporter(*args)`` starts the exporter (poll interval 1 s); its log is kept if the test fails."""
-    started: list[Exporter] = []
-    failed_before = request.session.testsfailed
-
+def exporter(exporter):
+    """conftest's, with a 1 s poll, returning once connected and polled once (``connected=False`` not to)."""
     def make(*args: str, connected: bool = True, **kw) -> Exporter:
         kw.setdefault("poll_interval", "1s")
-        instance = Exporter(*args, **kw)
-        started.append(instance)
-        if connected:  # a busy shared host can take many seconds to list every domain
-            instance.wait_value("libvirt_blockjob_poll_cycles_total", None, lambda v: v and v >= 1, timeout=90,
-                                what="connected and polled once")
-        return instance
-
-    yield make
-    for instance in started:
-        instance.stop()
-        if request.session.testsfailed == failed_before:
-            Path(instance.log.name).unlink(missing_ok=True)
-        else:
-            print(f"exporter log: {instance.log.name}")
+        return exporter(*args, connected=connected, **kw)
+    return make
 
 
 def token() -> str:
