@@ -26,7 +26,8 @@ OUTCOMES = ("completed", "failed", "canceled")
 def exporter(exporter):
     """conftest's, returning once the exporter has connected and polled once."""
     def make(*args: str, **kw) -> Exporter:
-        return exporter(*args, connected=True, **kw)
+        kw.setdefault("connected", True)
+        return exporter(*args, **kw)
     return make
 
 
@@ -96,17 +97,27 @@ def test_quick_pulls_after_a_qemu_kill_and_restart_are_all_counted(vm_factory, e
 
 def test_a_pull_right_after_a_libvirtd_restart_is_counted(vm_factory, exporter, libvirtd_restarts):
     vm = vm_factory.create("afterrestart", depth=1, data_mib=100, paused=True)
-    ex = exporter(poll_interval="1s")
-    vmlib.start_pull(vm, "vda", bandwidth_bytes=25 * MiB)  # about 4 s
-    ex.wait_value("libvirt_blockjob_cursor", job_labels(vm.name), lambda v: v is not None, timeout=5)
+    vmlib.start_pull(vm, "vda", bandwidth_bytes=5 * MiB)  # about 20 s
+    # A 10 s poll: the read at (re)connect sees the job, and the pull after the restart runs and
+    # ends between two polls, so only its event can count it.
+    ex = exporter(poll_interval="10s", connected=False)
+    ex.wait_value("libvirt_blockjob_cursor", job_labels(vm.name), lambda v: v is not None, timeout=10)
     stop_libvirtd()
-    time.sleep(6)  # the pull ends inside QEMU meanwhile
-    start_libvirtd()
+    ex.signal(signal.SIGSTOP)  # reconnect only after libvirtd has dealt with the pull's end
+    try:
+        vmlib.wait_for(lambda: vmlib.run(["qemu-img", "info", "-U", "--output=json", vm.active]).count(
+            '"backing-filename"') == 0, timeout=30, what="the pull finished inside QEMU")
+        start_libvirtd()
+        time.sleep(3)
+    finally:
+        ex.signal(signal.SIGCONT)
     ex.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=20)
     wait_counts(ex, vm.name, {"completed": 1, "failed": 0, "canceled": 0}, settle=0)
+    assert ex.value("libvirt_blockjob_outcomes_inferred_total",
+                    {**job_labels(vm.name), "outcome": "completed"}) == 1  # inferred at the reconnect
     vmlib.add_layer(vm, "fresh")  # a new layer, pulled within seconds of the reconnect
     short_pull(vm)
-    wait_counts(ex, vm.name, {"completed": 2, "failed": 0, "canceled": 0})
+    wait_counts(ex, vm.name, {"completed": 2, "failed": 0, "canceled": 0}, timeout=8)
 
 
 def test_a_pull_that_ends_while_the_exporter_is_down_is_counted_at_its_start(vm_factory, exporter, tmp_path):
