@@ -94,6 +94,7 @@ class Churn:
         self.away: Counter = Counter()  # domain -> jobs that ended while libvirtd was down
         self.actions: Counter = Counter()
         self.domains = domains
+        self.exporter: Exporter | None = None
 
     def setup(self) -> None:
         small = self.factory.tmpfs_dir(16)
@@ -125,6 +126,9 @@ class Churn:
                                capture_output=True, timeout=60)
         elif info is None:
             return
+        elif action in ("destroy", "kill") and self.exporter is not None and self.exporter.value(
+                "libvirt_blockjob_cursor", {"domain": vm.name, "disk": "vda", "job_type": "pull"}) is None:
+            return  # a job nobody has seen yet: no one could tell it ever ran
         elif action == "abort":
             subprocess.run(["virsh", "-c", vmlib.URI, "blockjob", vm.name, "vda", "--abort"], capture_output=True)
         elif action == "destroy":
@@ -206,7 +210,7 @@ def main(argv=None) -> int:
     try:
         churn.setup()
         witness.start()
-        exporter = Exporter(poll_interval="1s")
+        exporter = churn.exporter = Exporter(poll_interval="1s")
         deadline = time.monotonic() + args.minutes * 60
         restarts = sorted(churn.rng.uniform(0.1, 0.9) * args.minutes * 60 for _ in range(args.libvirtd_restarts))
         begun = time.monotonic()

@@ -327,6 +327,17 @@ class LibvirtHost:
         call_started = time.monotonic()
         inventory, instances = self._list_inventory()
         jobs, complete = self._collect_jobs()
+        # A job that ended while we were away is judged from its disk, so read the disk again now:
+        # libvirtd (re)connecting to a QEMU finishes such a job, and updates the XML, before it
+        # answers blockJobInfo, but the XML read above may predate that.
+        for name in sorted({key[0] for key in self._state.job_cursor_times() if key not in jobs} & set(inventory)):
+            try:
+                xml = self._domains[name].XMLDesc(0)
+                self._stats.calls("XMLDesc")
+            except libvirt.libvirtError:
+                self._stats.calls("XMLDesc", 0, errors=1)
+                continue  # gone meanwhile: the resync ends its jobs as stopped
+            inventory[name] = self._parse_disks(name, xml)
         self._post(lambda: self._state.resync(inventory, jobs, call_started, jobs_complete=complete,
                                               instances=instances), wait=True)
 
@@ -385,10 +396,18 @@ class LibvirtHost:
         same point of every cycle and shows at once, not after every other disk's call."""
         with_job, without_job = self._poll_targets()
         for batch in (with_job, without_job):
-            if batch:
-                with self._holding_event_loop():
-                    answers, _complete = self._read_answers(batch)
-                self._post(lambda answers=answers: self._state.apply_polls(answers))
+            if not batch:
+                continue
+            with self._holding_event_loop():
+                answers, _complete = self._read_answers(batch)
+            self._post(lambda answers=answers: self._state.apply_polls(answers))
+            if batch is with_job:
+                # A job the poll no longer finds ends with an event or, after a grace, by inference
+                # from its disk: have the disk read again before then (the next cycle's refresh).
+                lost = {a.domain for a in answers if a.info is None}
+                if lost:
+                    with self._refresh_lock:
+                        self._refresh_domains.update(lost)
 
     def _holding_event_loop(self):
         return self._event_loop.held() if self._event_loop is not None else nullcontext()
