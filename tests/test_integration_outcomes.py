@@ -120,9 +120,10 @@ def test_a_pull_right_after_a_libvirtd_restart_is_counted(vm_factory, exporter, 
     wait_counts(ex, vm.name, {"completed": 2, "failed": 0, "canceled": 0}, timeout=8)
 
 
-def test_a_pull_that_ends_while_the_exporter_is_down_is_counted_at_its_start(vm_factory, exporter, tmp_path):
-    state_file = str(tmp_path / "state.json")
-    vm = vm_factory.create("whiledown", depth=1, data_mib=64, paused=True)
+def tracked_then_stopped(vm_factory, exporter, state_file: str, label: str, **create):
+    """A capped pull the exporter tracks (and has written to its state file), then the exporter
+    stopped: (the VM, the pull's labels, its start time as the exporter saw it)."""
+    vm = vm_factory.create(label, depth=1, paused=True, **create)
     first = exporter(state_file=state_file)
     vmlib.start_pull(vm, "vda", bandwidth_bytes=1 * MiB)
     labels = job_labels(vm.name)
@@ -131,26 +132,27 @@ def test_a_pull_that_ends_while_the_exporter_is_down_is_counted_at_its_start(vm_
     vmlib.wait_for(lambda: Path(state_file).exists() and vm.name in Path(state_file).read_text(), timeout=5,
                    what="job in the state file")
     assert first.stop() == 0
-    vmlib.set_bandwidth(vm, "vda", 0)  # let it finish while no exporter runs
+    return vm, labels, started
+
+
+@pytest.mark.parametrize("end", ["completed", "failed"])
+def test_a_pull_that_ends_while_the_exporter_is_down_is_counted_at_its_start(vm_factory, exporter, tmp_path, end):
+    state_file = str(tmp_path / "state.json")
+    create = {"data_mib": 64} if end == "completed" else {"data_mib": 200, "active_dir": vm_factory.tmpfs_dir(16)}
+    vm, labels, started = tracked_then_stopped(vm_factory, exporter, state_file, f"down{end}", **create)
+    assert started is not None
+    vmlib.set_bandwidth(vm, "vda", 0)  # let it end (or hit ENOSPC) while no exporter runs
     vmlib.wait_no_job(vm, timeout=30)
     second = exporter(state_file=state_file)
-    wait_counts(second, vm.name, {"completed": 1, "failed": 0, "canceled": 0}, settle=1)
-    assert second.value("libvirt_blockjob_outcomes_inferred_total", {**labels, "outcome": "completed"}) == 1
+    wait_counts(second, vm.name, {**dict.fromkeys(OUTCOMES, 0), end: 1}, settle=1)
+    assert second.value("libvirt_blockjob_outcomes_inferred_total", {**labels, "outcome": end}) == 1
     assert [j for j in json.loads(Path(state_file).read_text())["jobs"] if j["domain"] == vm.name] == []
     assert second.value("libvirt_blockjob_start_time_seconds", labels) is None
-    assert started is not None
 
 
 def test_a_job_still_running_after_an_exporter_restart_keeps_its_start_time(vm_factory, exporter, tmp_path):
     state_file = str(tmp_path / "state.json")
-    vm = vm_factory.create("stillrunning", depth=1, data_mib=64, paused=True)
-    first = exporter(state_file=state_file)
-    vmlib.start_pull(vm, "vda", bandwidth_bytes=1 * MiB)
-    labels = job_labels(vm.name)
-    first.wait_value("libvirt_blockjob_cursor", labels, lambda v: v is not None, timeout=5)
-    started = first.value("libvirt_blockjob_start_time_seconds", labels)
-    vmlib.wait_for(lambda: vm.name in Path(state_file).read_text(), timeout=5, what="job in the state file")
-    first.stop()
+    vm, labels, started = tracked_then_stopped(vm_factory, exporter, state_file, "stillrunning", data_mib=64)
     time.sleep(1.5)
     second = exporter(state_file=state_file)
     assert second.value("libvirt_blockjob_start_time_seconds", labels) == started
