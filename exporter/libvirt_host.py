@@ -401,13 +401,16 @@ class LibvirtHost:
             with self._holding_event_loop():
                 answers, _complete = self._read_answers(batch)
             self._post(lambda answers=answers: self._state.apply_polls(answers))
+            # Have the disks read again (the next cycle's refresh) where a job appeared, so that its
+            # end is judged against the chain it started from, and where the poll lost one, so
+            # that an end without an event is judged from the disk as it is after it.
             if batch is with_job:
-                # A job the poll no longer finds ends with an event or, after a grace, by inference
-                # from its disk: have the disk read again before then (the next cycle's refresh).
-                lost = {a.domain for a in answers if a.info is None}
-                if lost:
-                    with self._refresh_lock:
-                        self._refresh_domains.update(lost)
+                changed = {a.domain for a in answers if a.info is None}
+            else:
+                changed = {a.domain for a in answers if a.info is not None}
+            if changed:
+                with self._refresh_lock:
+                    self._refresh_domains.update(changed)
 
     def _holding_event_loop(self):
         return self._event_loop.held() if self._event_loop is not None else nullcontext()

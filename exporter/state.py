@@ -420,6 +420,13 @@ class State:
             if self._disks.get(key) != info:
                 self._disks[key] = info
                 changed = True
+                tracked = self._tracked.get(key)
+                if tracked is not None and len(info.backing_chain) > len(tracked.chain_at_start):
+                    # The job started on a disk read before a new layer was added (a snapshot sends
+                    # no event we follow). No block job lengthens a chain, and none can start while
+                    # one runs, so the longer chain is the one the job started from.
+                    self._tracked[key] = replace(tracked, chain_at_start=tuple(i.path for i in info.backing_chain),
+                                                 source_at_start=info.source)
         if changed:
             self._changed()
 

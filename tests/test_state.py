@@ -453,3 +453,14 @@ def test_a_late_stop_with_id_minus_one_of_an_earlier_uuid_leaves_the_recreated_d
     assert count(state, "canceled") == 1
     assert state.apply(lifecycle(clock, "stopped", DomainInstance("uuid-1", -1))) == ()
     assert state.snapshot().jobs[("dom", "vda")].instance == RUN3
+
+
+def test_a_job_seen_before_its_new_layer_is_judged_against_the_longer_chain(state, clock):
+    state.update_domain("dom", [disk(depth=0)], RUN1)  # read before a snapshot added a layer
+    state.apply_poll("dom", "vda", pull(), clock.mono(), RUN1)
+    state.update_domain("dom", [disk(depth=1, source="/img/snap.qcow2")], RUN1)  # the refresh after it
+    clock.tick()
+    state.apply_poll("dom", "vda", None, clock.mono(), RUN1)  # the pull ended; its event was lost
+    state.update_domain("dom", [disk(depth=0, source="/img/snap.qcow2")], RUN1)
+    clock.tick(5)
+    assert [(r.outcome, r.inferred) for r in state.expire()] == [("completed", True)]
