@@ -168,31 +168,29 @@ class Churn:
 
 
 def compare(exporter: Exporter, witness: Counter, churn: Churn) -> tuple[list, list[str]]:
-    """Per outcome: (outcome, reported, ended unreported, ended while libvirtd was away, counted,
-    of which from events, inferred), and the domains whose figures cannot be explained.
+    """Per outcome: (outcome, reported, ended unreported, counted, of which from events, inferred),
+    and the domains whose figures cannot be explained.
 
-    Per domain, with A the jobs that ended while libvirtd was down: every reported and every
-    unreported end counted once, R + U <= counted <= R + U + A, and no event counted that libvirt
-    did not report, R - A <= from events <= R (A covers an end libvirt re-reported after its restart
-    to one observer and not the other)."""
+    Per domain and outcome, with A the jobs of the domain that ended while libvirtd was down:
+    every reported and every unreported end is counted once and with its outcome,
+    R + U <= counted <= R + U + A, and no event is counted that libvirt did not report,
+    R - A <= from events <= R. A covers an end that libvirt re-reported after its restart to one
+    observer and not the other; an end counted with the wrong outcome shows as a shortfall."""
     scrape = exporter.scrape()
     totals = {o: Counter() for o in OUTCOMES}
     bad = []
     for vm in churn.vms:
-        name = vm.name
-        mine = Counter()
+        name, away = vm.name, churn.away[vm.name]
         for outcome in OUTCOMES:
             counted = sum(scrape.series(f"libvirt_blockjob_{outcome}_total", domain=name).values())
             inferred = sum(scrape.series("libvirt_blockjob_outcomes_inferred_total", domain=name,
                                          outcome=outcome).values())
-            row = {"reported": witness[(name, outcome)], "unreported": churn.unreported[(name, outcome)],
-                   "counted": counted, "events": counted - inferred, "inferred": inferred}
+            r, u = witness[(name, outcome)], churn.unreported[(name, outcome)]
+            row = {"reported": r, "unreported": u, "counted": counted, "events": counted - inferred,
+                   "inferred": inferred}
             totals[outcome].update(row)
-            mine.update(row)
-        away = churn.away[name]
-        if not (mine["reported"] + mine["unreported"] <= mine["counted"] <= mine["reported"] + mine["unreported"] + away
-                and mine["reported"] - away <= mine["events"] <= mine["reported"]):
-            bad.append(f"{name}: {dict(mine)}, ended while libvirtd was away {away}")
+            if not (r + u <= counted <= r + u + away and r - away <= counted - inferred <= r):
+                bad.append(f"{name} {outcome}: {row}, ended while libvirtd was away {away}")
     rows = [(o, t["reported"], t["unreported"], t["counted"], t["events"], t["inferred"]) for o, t in totals.items()]
     return rows, bad
 
