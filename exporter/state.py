@@ -107,6 +107,10 @@ def infer_outcome(job: ActiveJob, tracked: TrackedJob | None, disk_now: DiskInfo
         if job.job_type in ("pull", "commit"):
             if len(chain_now) < len(tracked.chain_at_start):
                 return "completed"
+            if job.job_type == "pull" and not tracked.chain_at_start and not chain_now:
+                # No pull runs on a flat disk: the chain read at its start predates a new layer,
+                # and the disk is flat now, so the pull flattened it.
+                return "completed"
         elif job.job_type in ("copy", "active_commit"):
             if disk_now.source != tracked.source_at_start or chain_now != tracked.chain_at_start:
                 return "completed"

@@ -464,3 +464,12 @@ def test_a_job_seen_before_its_new_layer_is_judged_against_the_longer_chain(stat
     state.update_domain("dom", [disk(depth=0, source="/img/snap.qcow2")], RUN1)
     clock.tick(5)
     assert [(r.outcome, r.inferred) for r in state.expire()] == [("completed", True)]
+
+
+def test_a_pull_first_seen_on_a_stale_flat_disk_that_is_flat_at_its_end_completed(state, clock):
+    state.update_domain("dom", [disk(depth=0)], RUN1)  # read before a snapshot added a layer
+    state.apply_poll("dom", "vda", pull(), clock.mono(), RUN1)
+    clock.tick()
+    state.apply_poll("dom", "vda", None, clock.mono(), RUN1)  # ended before any refresh
+    clock.tick(5)
+    assert [(r.outcome, r.inferred) for r in state.expire()] == [("completed", True)]
