@@ -24,6 +24,10 @@ def parse_error(capsys, argv) -> str:
                                       "(ms, s, m, h, d, w, y) from largest to smallest, such as 500ms, 1.5m, 1h30m"),
         (["--inventory.refresh-interval", "2d"],
          "argument --inventory.refresh-interval: bad duration '2d': must be at most 1d"),
+        (["--state.retention", "31d"], "argument --state.retention: bad duration '31d': must be at most 30d"),
+        (["--state.retention", "0.5s"], "argument --state.retention: '0.5s' is below the minimum of 1s"),
+        (["--state.file", "x" * 5000], "argument --state.file: longer than 4096 characters"),
+        (["--state.file", "/tmp/a\nb"], "argument --state.file: '/tmp/a\\nb' contains a control character"),
         (["--alertmanager.resolve-after", "1" + "0" * 400 + "y"],
          "argument --alertmanager.resolve-after: bad duration '1000000000000000000000000000000000000...': expected "
          "a number and a unit (ms, s, m, h, d, w, y) from largest to smallest, such as 500ms, 1.5m, 1h30m"),
