@@ -384,11 +384,14 @@ class LibvirtHost:
         self._parsed_xml[name] = (xml, disks)
         return disks
 
-    def _collect_jobs(self) -> tuple[dict[DiskKey, JobInfo], bool]:
-        """Every disk's job now; False when some disk could not be read (its job is unknown)."""
+    def _read_all(self) -> tuple[list[PollAnswer], bool]:
+        """Every disk's answer now; False when some disk could not be read (its job is unknown)."""
         with_job, without_job = self._poll_targets()
         with self._holding_event_loop():
-            answers, complete = self._read_answers(with_job + without_job)
+            return self._read_answers(with_job + without_job)
+
+    def _collect_jobs(self) -> tuple[dict[DiskKey, JobInfo], bool]:
+        answers, complete = self._read_all()
         return {(a.domain, a.disk): a.info for a in answers if a.info is not None}, complete
 
     def _poll_jobs(self) -> None:
@@ -474,9 +477,7 @@ class LibvirtHost:
     def fresh_snapshot(self) -> Snapshot:
         """Every disk's job read now and applied: for a decision that must count every job on the
         host, including one started by someone else since the last poll."""
-        with_job, without_job = self._poll_targets()
-        with self._holding_event_loop():
-            answers, _complete = self._read_answers(with_job + without_job)
+        answers, _complete = self._read_all()
         self._post(lambda: self._state.apply_polls(answers), wait=True)
         return self._state.snapshot()
 
