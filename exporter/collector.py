@@ -5,26 +5,28 @@ One collector object runs the exporter's collectors by name (``blockjobs``, ``ex
 node_exporter does it: one that raises is logged, reported as
 ``libvirt_blockjob_scrape_collector_success{collector=...} 0`` and the rest is served.
 
-prometheus_client's writers (``generate_latest``, OpenMetrics) are the only writers. They spend
-about 9 ms (text) and 15 ms (OpenMetrics) on 200 disks with 50 jobs, so the block-job part of
-the text is kept per format until the state hands out a new snapshot (it does so only when
-something shown changed); the rest is written fresh on every scrape. The part and the rest are
-the same writer's output for consecutive families, so their concatenation is byte for byte what
-the writer gives for the whole (tests/test_collector.py holds them equal). When the snapshot does
-change, only the families whose samples changed are written again (a moving job changes three).
+The block-job families are written by ``BlockJobWriter``, their only writer: it has a line per
+job or disk, moving jobs change the snapshot every poll, so nearly every scrape writes them anew,
+and prometheus_client's writers cost several times a scrape's budget at a few hundred disks (the
+benchmark shows it). It writes the same bytes prometheus_client would, in both formats (the
+golden tests in tests/test_collector.py hold it to that). Everything else goes through
+prometheus_client's writers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from .model import OUTCOMES, ActiveJob, Snapshot
 from .selfstats import SelfStats, SelfStatsSnapshot
@@ -32,89 +34,148 @@ from .state import State
 
 log = logging.getLogger(__name__)
 
-JOB_LABELS = ("domain", "disk", "job_type")
-
 Families = Callable[[], Iterable[Metric]]
-Encoder = Callable[[object], bytes]
 
-# (name, help, value of an ActiveJob): one gauge per job, labelled JOB_LABELS.
-_JOB_GAUGES: tuple[tuple[str, str, Callable[[ActiveJob], float]], ...] = (
-    ("libvirt_blockjob_cursor", "Bytes processed so far by the active job (cur)", lambda j: j.cur),
-    ("libvirt_blockjob_cursor_end", "Total bytes the active job will process (end)", lambda j: j.end),
-    ("libvirt_blockjob_progress_ratio", "cur/end of the active job, 0 while end is 0",
+
+@dataclass(frozen=True)
+class Family:
+    """One block-job family. ``labels`` are in the writers' order (sorted by name)."""
+
+    name: str
+    type: str  # "gauge" or "counter"
+    help: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def sample(self) -> str:
+        return self.name + "_total" if self.type == "counter" else self.name
+
+    def header(self, openmetrics: bool) -> str:
+        if openmetrics:
+            text = self.help.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+            return f"# HELP {self.name} {text}\n# TYPE {self.name} {self.type}\n"
+        text = self.help.replace("\\", r"\\").replace("\n", r"\n")
+        return f"# HELP {self.sample} {text}\n# TYPE {self.sample} {self.type}\n"
+
+
+def _gauge(name: str, help_text: str, *labels: str) -> Family:
+    return Family(name, "gauge", help_text, labels)
+
+
+def _counter(name: str, help_text: str, *labels: str) -> Family:
+    return Family(name, "counter", help_text, labels)
+
+
+JOB_LABELS = ("disk", "domain", "job_type")
+UP = _gauge("libvirt_blockjob_up", "1 while connected to libvirt with event callbacks registered, else 0")
+BUILD_INFO = _gauge("libvirt_blockjob_exporter_build_info", "Build information of the exporter; always 1", "version")
+# One gauge per active job, with the job's value.
+JOB_GAUGES: tuple[tuple[Family, Callable[[ActiveJob], float]], ...] = (
+    (_gauge("libvirt_blockjob_cursor", "Bytes processed so far by the active job (cur)", *JOB_LABELS),
+     lambda j: j.cur),
+    (_gauge("libvirt_blockjob_cursor_end", "Total bytes the active job will process (end)", *JOB_LABELS),
+     lambda j: j.end),
+    (_gauge("libvirt_blockjob_progress_ratio", "cur/end of the active job, 0 while end is 0", *JOB_LABELS),
      lambda j: j.progress_ratio),
-    ("libvirt_blockjob_bandwidth_bytes_per_second", "Bandwidth cap of the active job, 0 = unlimited",
-     lambda j: j.bandwidth),
-    ("libvirt_blockjob_ready", "1 once a copy/active-commit job is ready to pivot",
+    (_gauge("libvirt_blockjob_bandwidth_bytes_per_second", "Bandwidth cap of the active job, 0 = unlimited",
+            *JOB_LABELS), lambda j: j.bandwidth),
+    (_gauge("libvirt_blockjob_ready", "1 once a copy/active-commit job is ready to pivot", *JOB_LABELS),
      lambda j: 1 if j.ready else 0),
-    ("libvirt_blockjob_start_time_seconds", "Unix time the active job was first seen",
+    (_gauge("libvirt_blockjob_start_time_seconds", "Unix time the active job was first seen", *JOB_LABELS),
      lambda j: j.start_time),
-    ("libvirt_blockjob_cursor_last_change_timestamp_seconds",
-     "Unix time the active job's cursor last moved (its start time until it moves)",
+    (_gauge("libvirt_blockjob_cursor_last_change_timestamp_seconds",
+            "Unix time the active job's cursor last moved (its start time until it moves)", *JOB_LABELS),
      lambda j: j.cursor_changed_time),
 )
-_EOF = b"# EOF\n"  # OpenMetrics' last line: only the whole exposition ends with it
-_MAX_CACHED_FORMATS = 4  # content types come from the Accept header: keep the cache bounded
+OUTCOME_COUNTERS = tuple(
+    _counter(f"libvirt_blockjob_{outcome}", f"Block jobs that {outcome.replace('canceled', 'were canceled')}",
+             *JOB_LABELS) for outcome in OUTCOMES)
+INFERRED = _counter("libvirt_blockjob_outcomes_inferred",
+                    "Outcomes told from the disk or domain because no libvirt event reported them",
+                    *JOB_LABELS, "outcome")
+DEPTH = _gauge("libvirt_blockjob_backing_chain_depth", "Backing images under the active layer (0 = flat)",
+               "disk", "domain")
+# Host-wide gauges, with their value in the snapshot.
+TOTALS: tuple[tuple[Family, Callable[[Snapshot], float]], ...] = (
+    (_gauge("libvirt_blockjob_active_jobs", "Active block jobs on the host"), lambda s: len(s.jobs)),
+    (_gauge("libvirt_blockjob_domains", "Running domains watched"), lambda s: len(s.running_domains)),
+    (_gauge("libvirt_blockjob_disks", "Disks polled"), lambda s: len(s.disks)),
+    (_gauge("libvirt_blockjob_tracked_domains",
+            "Domains with series: running, or gone less than --state.retention ago"), lambda s: s.tracked_domains),
+    (_gauge("libvirt_blockjob_tracked_disks", "Disks with series (chain depth or outcome counters)"),
+     lambda s: s.tracked_disks),
+    (_gauge("libvirt_blockjob_tracked_jobs",
+            "Block jobs being tracked, including ones the last poll lost and whose end is awaited"),
+     lambda s: len(s.jobs)),
+)
+UNRESPONSIVE = _gauge("libvirt_blockjob_domain_unresponsive",
+                      "1 while the domain's blockJobInfo has not answered within the call timeout (its QEMU "
+                      "hangs); present only then", "domain")
 
 
-def _outcome_help(outcome: str) -> str:
-    return f"Block jobs that {outcome.replace('canceled', 'were canceled')}"
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
 
 
-def snapshot_families(snap: Snapshot, version: str) -> Iterable[Metric]:
-    """The block-job families: a pure function of the snapshot."""
-    yield GaugeMetricFamily("libvirt_blockjob_up",
-                            "1 while connected to libvirt with event callbacks registered, else 0",
-                            value=1 if snap.connected else 0)
-    build = GaugeMetricFamily("libvirt_blockjob_exporter_build_info",
-                              "Build information of the exporter; always 1", labels=("version",))
-    build.add_metric((version,), 1)
-    yield build
+# Most values repeat (counts, depths, sizes, bandwidths): their text is kept.
+_number = functools.lru_cache(maxsize=4096)(floatToGoString)
 
-    jobs = sorted(snap.jobs.values(), key=lambda j: (j.domain, j.disk))
-    for name, help_text, value in _JOB_GAUGES:
-        family = GaugeMetricFamily(name, help_text, labels=JOB_LABELS)
-        for job in jobs:
-            family.add_metric((job.domain, job.disk, job.job_type), value(job))
-        yield family
 
-    outcomes = sorted(snap.outcomes.items())
-    for outcome in OUTCOMES:
-        family = CounterMetricFamily(f"libvirt_blockjob_{outcome}", _outcome_help(outcome), labels=JOB_LABELS)
-        for (domain, disk, job_type, each), count in outcomes:
-            if each == outcome:
-                family.add_metric((domain, disk, job_type), count)
-        yield family
-    inferred = CounterMetricFamily("libvirt_blockjob_outcomes_inferred",
-                                   "Outcomes told from the disk or domain because no libvirt event reported them",
-                                   labels=JOB_LABELS + ("outcome",))
-    for labels, count in sorted(snap.inferred_outcomes.items()):
-        inferred.add_metric(labels, count)
-    yield inferred
+def _label_text(names: Sequence[str], values: Sequence[str]) -> str:
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values)) + "}"
 
-    depth = GaugeMetricFamily("libvirt_blockjob_backing_chain_depth",
-                              "Backing images under the active layer (0 = flat)", labels=("domain", "disk"))
-    for (domain, disk), info in sorted(snap.disks.items()):
-        depth.add_metric((domain, disk), info.backing_depth)
-    yield depth
-    yield GaugeMetricFamily("libvirt_blockjob_active_jobs", "Active block jobs on the host", value=len(snap.jobs))
-    yield GaugeMetricFamily("libvirt_blockjob_domains", "Running domains watched", value=len(snap.running_domains))
-    yield GaugeMetricFamily("libvirt_blockjob_disks", "Disks polled", value=len(snap.disks))
-    yield GaugeMetricFamily("libvirt_blockjob_tracked_domains",
-                            "Domains with series: running, or gone less than --state.retention ago",
-                            value=snap.tracked_domains)
-    yield GaugeMetricFamily("libvirt_blockjob_tracked_disks", "Disks with series (chain depth or outcome counters)",
-                            value=snap.tracked_disks)
-    yield GaugeMetricFamily("libvirt_blockjob_tracked_jobs",
-                            "Block jobs being tracked, including ones the last poll lost and whose end is awaited",
-                            value=len(snap.jobs))
-    unresponsive = GaugeMetricFamily(
-        "libvirt_blockjob_domain_unresponsive",
-        "1 while the domain's blockJobInfo has not answered within the call timeout (its QEMU hangs); "
-        "present only then", labels=("domain",))
-    for domain in sorted(snap.unresponsive_domains):
-        unresponsive.add_metric((domain,), 1)
-    yield unresponsive
+
+class BlockJobWriter:
+    """The block-job families of a snapshot as exposition text; see the module docstring."""
+
+    _MAX_LABEL_TEXTS = 65536  # bounds the label-text cache; it starts over beyond that
+
+    def __init__(self, version: str) -> None:
+        self._version = version
+        self._labels: dict[tuple[str, ...], str] = {}  # (domain, disk[, job_type]) -> label text
+
+    def _disk(self, domain: str, disk: str, job_type: str | None = None) -> str:
+        """The label text of a disk (``DEPTH``) or of a job on it (``JOB_LABELS``), kept."""
+        key = (domain, disk) if job_type is None else (domain, disk, job_type)
+        text = self._labels.get(key)
+        if text is None:
+            if len(self._labels) >= self._MAX_LABEL_TEXTS:
+                self._labels.clear()
+            text = self._labels[key] = _label_text(("disk", "domain", "job_type"), (disk, domain, *key[2:]))
+        return text
+
+    def write(self, snap: Snapshot, openmetrics: bool, names: frozenset[str] | None = None) -> str:
+        """The text; with ``names`` (``name[]``) only those series, and no family left empty."""
+        out: list[str] = []
+
+        def family(fam: Family, rows: Iterable[tuple[str, float]]) -> None:
+            sample = fam.sample
+            if names is not None:
+                rows = list(rows) if sample in names else ()
+                if not rows:
+                    return
+            out.append(fam.header(openmetrics))
+            out.extend(f"{sample}{labels} {_number(value)}\n" for labels, value in rows)
+
+        family(UP, [("", 1 if snap.connected else 0)])
+        family(BUILD_INFO, [(_label_text(BUILD_INFO.labels, (self._version,)), 1)])
+        jobs = [(self._disk(j.domain, j.disk, j.job_type), j)
+                for j in sorted(snap.jobs.values(), key=lambda j: (j.domain, j.disk))]
+        for fam, value in JOB_GAUGES:
+            family(fam, [(labels, value(job)) for labels, job in jobs])
+        outcomes = sorted(snap.outcomes.items())
+        for fam, outcome in zip(OUTCOME_COUNTERS, OUTCOMES):
+            family(fam, [(self._disk(domain, disk, job_type), count)
+                         for (domain, disk, job_type, each), count in outcomes if each == outcome])
+        family(INFERRED, [(_label_text(INFERRED.labels, (disk, domain, job_type, outcome)), count)
+                          for (domain, disk, job_type, outcome), count in sorted(snap.inferred_outcomes.items())])
+        family(DEPTH, [(self._disk(domain, disk), info.backing_depth)
+                       for (domain, disk), info in sorted(snap.disks.items())])
+        for fam, total in TOTALS:
+            family(fam, [("", total(snap))])
+        family(UNRESPONSIVE, [(_label_text(UNRESPONSIVE.labels, (domain,)), 1)
+                              for domain in sorted(snap.unresponsive_domains)])
+        return "".join(out)
 
 
 def stats_families(stats: SelfStatsSnapshot) -> Iterable[Metric]:
@@ -152,24 +213,21 @@ class _Fixed:
 
 
 class BlockJobCollector:
-    """All of the exporter's collectors as one prometheus_client collector; see the module docstring."""
+    """All of the exporter's collectors; see the module docstring."""
 
     def __init__(self, state: State, stats: SelfStats, version: str,
                  extra: Sequence[tuple[str, Families]] = (), process: bool = True,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self._state = state
-        self._version = version
         self._clock = clock
+        self._writer = BlockJobWriter(version)
         self._named: list[tuple[str, Families]] = [("exporter", lambda: stats_families(stats.snapshot()))]
         self._named.extend(extra)
         if process:
             # process_start_time_seconds lets the failure alert tell a restart from a new series.
             self._named.append(("process", ProcessCollector(registry=None).collect))
         self._lock = threading.Lock()
-        # content type -> (snapshot, its block-job text, {family name: (samples, text)})
-        self._cached: dict[str, tuple[Snapshot, bytes, dict]] = {}
-        self.registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
-        self.registry.register(self)
+        self._cached: dict[bool, tuple[Snapshot, bytes]] = {}  # openmetrics? -> (snapshot, its text)
 
     def add_extra(self, name: str, families: Families) -> None:
         """Another collector (``policy``, ``alertmanager``), run before ``process``."""
@@ -188,8 +246,20 @@ class BlockJobCollector:
         results.append((name, ok, self._clock() - start))
         return out
 
-    @staticmethod
-    def _scrape_families(results: list) -> list[Metric]:
+    def _block_jobs(self, openmetrics: bool, names: frozenset[str] | None) -> bytes:
+        snap = self._state.snapshot()
+        if names is not None:
+            return self._writer.write(snap, openmetrics, names).encode()
+        with self._lock:  # scrapes may come side by side; the writer's label cache is not shared
+            cached = self._cached.get(openmetrics)
+            if cached is None or cached[0] is not snap:
+                cached = self._cached[openmetrics] = (snap, self._writer.write(snap, openmetrics).encode())
+        return cached[1]
+
+    def _rest(self, results: list) -> list[Metric]:
+        out: list[Metric] = []
+        for name, families in self._named:
+            out.extend(self._run(name, lambda: list(families()), results) or ())
         duration = GaugeMetricFamily("libvirt_blockjob_scrape_collector_duration_seconds",
                                      "Duration of a collector scrape", labels=("collector",))
         success = GaugeMetricFamily("libvirt_blockjob_scrape_collector_success",
@@ -197,54 +267,19 @@ class BlockJobCollector:
         for name, ok, seconds in results:
             duration.add_metric((name,), seconds)
             success.add_metric((name,), ok)
-        return [duration, success]
-
-    def _rest(self, results: list) -> list[Metric]:
-        out: list[Metric] = []
-        for name, families in self._named:
-            out.extend(self._run(name, lambda: list(families()), results) or ())
-        return out + self._scrape_families(results)
-
-    def collect(self) -> Iterable[Metric]:
-        results: list = []
-        head = self._run("blockjobs", lambda: list(snapshot_families(self._state.snapshot(), self._version)),
-                         results)
-        return (head or []) + self._rest(results)
-
-    def render(self, encoder: Encoder, content_type: str) -> bytes:
-        """``encoder(self.registry)``, with the block-job text kept per family while it is the same."""
-
-        def block_jobs() -> bytes:
-            snap = self._state.snapshot()
-            with self._lock:
-                cached = self._cached.get(content_type)
-            if cached is not None and cached[0] is snap:
-                return cached[1]
-            previous = cached[2] if cached is not None else {}
-            parts, kept = [], {}
-            for family in snapshot_families(snap, self._version):
-                old = previous.get(family.name)
-                if old is not None and old[0] == family.samples:
-                    text = old[1]
-                else:
-                    text = encoder(_Fixed([family])).removesuffix(_EOF)
-                kept[family.name] = (family.samples, text)
-                parts.append(text)
-            text = b"".join(parts)
-            with self._lock:
-                if len(self._cached) >= _MAX_CACHED_FORMATS:
-                    self._cached.clear()
-                self._cached[content_type] = (snap, text, kept)
-            return text
-
-        results: list = []
-        head = self._run("blockjobs", block_jobs, results) or b""
-        return head + encoder(_Fixed(self._rest(results)))
+        return out + [duration, success]
 
     def exposition(self, accept: str | None, names: Sequence[str] = ()) -> tuple[bytes, str]:
         """The body and content type prometheus_client's negotiation picks for ``accept``;
         ``names`` (``name[]`` query parameters) restricts it to those series."""
         encoder, content_type = choose_encoder(accept or "")
-        if names:
-            return encoder(self.registry.restricted_registry(names)), content_type
-        return self.render(encoder, content_type), content_type
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        wanted = frozenset(names) or None
+        results: list = []
+        head = self._run("blockjobs", lambda: self._block_jobs(openmetrics, wanted), results) or b""
+        rest: object = _Fixed(self._rest(results))
+        if wanted is not None:
+            registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
+            registry.register(rest)  # type: ignore[arg-type]
+            rest = registry.restricted_registry(wanted)
+        return head + encoder(rest), content_type
