@@ -24,6 +24,7 @@ from .logsetup import LEVELS, setup_logging
 log = logging.getLogger("exporter")
 
 DEFAULT_URI = "qemu:///system"
+DEFAULT_CALL_BUDGET = 100
 DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
@@ -52,6 +53,14 @@ def _duration_flag(minimum: float, maximum: float):
             raise ValueError(f"{text!r} is below the minimum of {minimum:g}s")
         return seconds
     return _bounded(duration)
+
+
+def _count_flag(minimum: int, maximum: int):
+    def count(text: str) -> int:
+        if not text.strip().isdigit() or not minimum <= int(text) <= maximum:
+            raise ValueError(f"{text!r} is not a whole number from {minimum} to {maximum}")
+        return int(text)
+    return _bounded(count)
 
 
 @_bounded
@@ -106,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--web.config.file", dest="web_config_file", default=None, type=_path_flag,
                         help="exporter-toolkit web config file enabling TLS and/or basic auth")
     parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.05, 3600),
-                        help="how often to poll blockJobInfo for every disk (default 1s)")
+                        help="how often the disks with a job are read (default 1s)")
+    parser.add_argument("--poll.call-budget", dest="call_budget", default=DEFAULT_CALL_BUDGET,
+                        type=_count_flag(0, 100_000),
+                        help="blockJobInfo calls per second for finding jobs started by others: disks with a job are "
+                             "read every interval whatever it is, the others round-robin with what is left "
+                             f"(libvirt_blockjob_discovery_interval_seconds); 0 reads every disk every interval "
+                             f"(default {DEFAULT_CALL_BUDGET})")
     parser.add_argument("--inventory.refresh-interval", dest="inventory_interval", default=30.0,
                         type=_duration_flag(1.0, 86400),
                         help="full re-read of domains and backing chains, besides event-driven refreshes (default 30s)")
@@ -183,7 +198,7 @@ def run_exporter(args: argparse.Namespace) -> int:
                 engine.on_outcome(outcome.domain, outcome.disk, outcome.job_type, outcome.outcome, outcome.wall)
 
     host = LibvirtHost(uri=args.uri, state=state, stats=stats, poll_interval=args.poll_interval,
-                       inventory_interval=args.inventory_interval,
+                       inventory_interval=args.inventory_interval, call_budget=args.call_budget,
                        read_only=not args.policy_enforce, on_outcomes=on_outcomes)
     collector = BlockJobCollector(state, stats, __version__)
     if args.policy_file:

@@ -191,6 +191,9 @@ def stats_families(stats: SelfStatsSnapshot) -> Iterable[Metric]:
     yield CounterMetricFamily("libvirt_blockjob_poll_cycles", "Poll cycles run", value=stats.poll_cycles)
     yield GaugeMetricFamily("libvirt_blockjob_last_poll_timestamp_seconds", "Unix time the last poll cycle finished",
                             value=stats.last_poll_timestamp)
+    yield GaugeMetricFamily("libvirt_blockjob_discovery_interval_seconds",
+                            "Longest time a disk without a job goes unread (jobs started by others are found "
+                            "within it; --poll.call-budget)", value=stats.discovery_interval)
     calls = CounterMetricFamily("libvirt_blockjob_libvirt_calls", "libvirt API calls made", labels=("method",))
     errors = CounterMetricFamily("libvirt_blockjob_libvirt_errors", "libvirt API calls that failed",
                                  labels=("method",))

@@ -11,7 +11,14 @@ Two threads here:
   read (``_post``), which libvirt's event loop puts behind the events that arrived before it. It
   is the one place outcomes come from, and it tells the outcome listeners;
 * the poller owns the main connection (connect, resync, reconnect), refreshes the inventory, reads
-  the disks' jobs once per interval and runs the post-cycle hook (the policy engine).
+  the disks' jobs and runs the post-cycle hook (the policy engine).
+
+What is read when: a disk with a job, every poll interval. The other disks are only read to find
+jobs that someone else started (``BLOCK_JOB_2`` counts every end, even of a job never seen), so
+they are swept round-robin with what the call budget (calls per second) leaves: small hosts still
+get every disk every interval, large ones a longer discovery interval (exported). Whatever hints at
+a new job has its domain's disks read at once: a block-job or lifecycle event, a changed domain
+XML, a pull the policy starts. A resync and the policy's decisions read every disk.
 
 Safety: the only per-domain calls are ``XMLDesc``, ``blockJobInfo`` and, when the policy enforces,
 ``blockPull``/``blockRebase``/``blockJobAbort``. Never ``virDomainGetBlockInfo`` or the BLOCK stats
@@ -20,7 +27,9 @@ group: on QEMU 7.2 the ``query-named-block-nodes`` they send can segfault QEMU a
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import queue
 import threading
 import time
@@ -81,11 +90,15 @@ class LibvirtHost:
         after_cycle: Callable[[], None] | None = None,
         reconnect_max_delay: float = 2.0,
         events: bool = True,
+        call_budget: float = 0.0,
     ) -> None:
         self.uri = uri
         self._state = state
         self._stats = stats
         self._poll_interval = poll_interval
+        self._call_budget = call_budget  # blockJobInfo calls per second; 0: every disk every interval
+        self._swept_up_to: tuple[str, str] = ("", "")  # the sweep goes on after this disk
+        self._read_now: set[str] = set()  # domains whose disks are read at once (poller thread only)
         self._inventory_interval = inventory_interval
         self._on_outcomes = on_outcomes
         self._after_cycle = after_cycle
@@ -247,6 +260,7 @@ class LibvirtHost:
                 if not self._connection_alive():
                     raise
                 self._warn.warning(f"xml:{name}", "cannot refresh %s: %s", name, err)
+        self._read_hinted()
         if time.monotonic() >= next_poll:
             started = time.monotonic()
             self._poll_jobs()
@@ -257,6 +271,7 @@ class LibvirtHost:
             with self._holding_event_loop():  # one XMLDesc per domain: the same wakeups as a poll
                 inventory, instances = self._list_inventory()
             self._post(lambda: self._state.replace_inventory(inventory, instances))
+            self._read_hinted()
         if self._after_cycle is not None and not self._lost.is_set():
             try:
                 self._after_cycle()
@@ -293,6 +308,7 @@ class LibvirtHost:
         self._disks_by_domain = {}
         self._targets = None
         self._parsed_xml = {}
+        self._read_now = set()
 
     def _list_inventory(self) -> tuple[dict[str, tuple[DiskInfo, ...]], dict[str, DomainInstance]]:
         conn = self._conn
@@ -340,6 +356,7 @@ class LibvirtHost:
             inventory[name] = self._parse_disks(name, xml)
         self._post(lambda: self._state.resync(inventory, jobs, call_started, jobs_complete=complete,
                                               instances=instances), wait=True)
+        self._read_now = set()  # every disk was just read
 
     def _refresh_domain(self, name: str) -> None:
         conn = self._conn
@@ -373,6 +390,7 @@ class LibvirtHost:
         self._disks_by_domain[name] = disk_names
         instance = instance_of(dom)
         self._post(lambda: self._state.update_domain(name, disks, instance))
+        self._read_now.add(name)
 
     def _parse_disks(self, name: str, xml: str) -> tuple[DiskInfo, ...]:
         """Parses a domain's disks, reusing the last result while its XML is unchanged: the slow
@@ -382,6 +400,7 @@ class LibvirtHost:
             return cached[1]
         disks = tuple(parse_disks(name, xml))
         self._parsed_xml[name] = (xml, disks)
+        self._read_now.add(name)  # a new domain, a new disk or layer: maybe a new job
         return disks
 
     def _read_all(self) -> tuple[list[PollAnswer], bool]:
@@ -398,7 +417,7 @@ class LibvirtHost:
         """Disks with a job are read and applied first, so that their progress is read at the
         same point of every cycle and shows at once, not after every other disk's call."""
         with_job, without_job = self._poll_targets()
-        for batch in (with_job, without_job):
+        for batch in (with_job, self._sweep(without_job, len(with_job))):
             if not batch:
                 continue
             with self._holding_event_loop():
@@ -415,23 +434,53 @@ class LibvirtHost:
                 with self._refresh_lock:
                     self._refresh_domains.update(changed)
 
+    def _sweep(self, idle: list[Target], busy: int) -> list[Target]:
+        """The disks without a job to read this cycle: the next ones after the last swept, in key
+        order, as many as the budget leaves after the disks with a job (at least one)."""
+        if self._call_budget <= 0 or not idle:
+            self._stats.discovery(self._poll_interval)
+            return idle
+        room = max(1, int(self._call_budget * self._poll_interval) - busy)
+        self._stats.discovery(math.ceil(len(idle) / room) * self._poll_interval)
+        if room >= len(idle):
+            return idle
+        at = bisect.bisect_right(idle, self._swept_up_to, key=lambda t: t.key)
+        batch = (idle[at:] + idle[:at])[:room]
+        self._swept_up_to = batch[-1].key
+        return batch
+
+    def _read_hinted(self) -> None:
+        """Read at once the disks of the domains something hinted at a new job on."""
+        names, self._read_now = self._read_now, set()
+        if not names or self._conn is None:
+            return
+        targets = [t for t in self._all_targets() if t.domain in names]
+        if targets:
+            with self._holding_event_loop():
+                answers, _complete = self._read_answers(targets)
+            self._post(lambda: self._state.apply_polls(answers))
+
     def _holding_event_loop(self):
         return self._event_loop.held() if self._event_loop is not None else nullcontext()
 
     def _poll_targets(self) -> tuple[list[Target], list[Target]]:
         """(disks with a job, the most recently moving first; every other disk) of the running
         domains."""
-        targets = self._targets
-        if targets is None:
-            targets = self._targets = [Target(name, dom, disk, instance_of(dom))
-                                       for name, dom in self._domains.items()
-                                       for disk in self._disks_by_domain.get(name, ())]
+        targets = self._all_targets()
         moved = self._state.job_cursor_times()
         if not moved:
             return [], targets
         with_job = [t for t in targets if t.key in moved]
         with_job.sort(key=lambda t: -moved[t.key])
         return with_job, [t for t in targets if t.key not in moved]
+
+    def _all_targets(self) -> list[Target]:
+        """Every disk of the running domains, in key order."""
+        if self._targets is None:
+            self._targets = sorted((Target(name, dom, disk, instance_of(dom))
+                                    for name, dom in self._domains.items()
+                                    for disk in self._disks_by_domain.get(name, ())), key=lambda t: t.key)
+        return self._targets
 
     def _read_answers(self, targets: list[Target]) -> tuple[list[PollAnswer], bool]:
         """One ``blockJobInfo`` call per target (see ``libvirt_readers``): (the answers, whether

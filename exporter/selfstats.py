@@ -17,6 +17,7 @@ class SelfStatsSnapshot:
     poll_cycles: int
     last_poll_duration: float
     last_poll_timestamp: float
+    discovery_interval: float = 0.0
 
 
 class SelfStats:
@@ -29,6 +30,7 @@ class SelfStats:
         self._poll_cycles = 0
         self._last_poll_duration = 0.0
         self._last_poll_timestamp = 0.0
+        self._discovery_interval = 0.0
 
     def event(self, name: str) -> None:
         with self._lock:
@@ -50,6 +52,11 @@ class SelfStats:
             self._last_poll_duration = duration
             self._last_poll_timestamp = finished_wall
 
+    def discovery(self, interval: float) -> None:
+        """Seconds the sweep takes to read every disk without a job once."""
+        with self._lock:
+            self._discovery_interval = interval
+
     def snapshot(self) -> SelfStatsSnapshot:
         with self._lock:
             return SelfStatsSnapshot(
@@ -60,4 +67,5 @@ class SelfStats:
                 poll_cycles=self._poll_cycles,
                 last_poll_duration=self._last_poll_duration,
                 last_poll_timestamp=self._last_poll_timestamp,
+                discovery_interval=self._discovery_interval,
             )

@@ -98,6 +98,9 @@ libvirt_blockjob_poll_cycles_total 0.0
 # HELP libvirt_blockjob_last_poll_timestamp_seconds Unix time the last poll cycle finished
 # TYPE libvirt_blockjob_last_poll_timestamp_seconds gauge
 libvirt_blockjob_last_poll_timestamp_seconds 0.0
+# HELP libvirt_blockjob_discovery_interval_seconds Longest time a disk without a job goes unread (jobs started by others are found within it; --poll.call-budget)
+# TYPE libvirt_blockjob_discovery_interval_seconds gauge
+libvirt_blockjob_discovery_interval_seconds 0.0
 # HELP libvirt_blockjob_libvirt_calls_total libvirt API calls made
 # TYPE libvirt_blockjob_libvirt_calls_total counter
 libvirt_blockjob_libvirt_calls_total{{method="blockJobInfo"}} 3.0

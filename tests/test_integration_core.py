@@ -284,3 +284,47 @@ def test_a_hung_domain_blames_only_itself_and_the_others_follow_virsh(vm_factory
                   timeout=10, what="cursor of the domain once it answers again")
     assert ex.value("libvirt_blockjob_domain_unresponsive", {"domain": hung.name}) is None
     assert outcome_counts(ex, hung.name) == {"completed": 0, "failed": 0, "canceled": 0}
+
+
+def test_the_sweep_finds_a_pull_started_by_hand_within_the_discovery_interval(vm_factory, exporter):
+    """With a call budget below the host's disk count, disks without a job are swept round-robin:
+    the budget holds while nothing runs, and a pull started by someone else (no event tells of a
+    start) shows within the exported discovery interval, on a disk chosen at random."""
+    import math
+    import random
+
+    budget = 2
+    vms = [vm_factory.create(f"sweep{i}", depth=1, data_mib=16, size_mib=32, extra_disks=(1, 1, 1),
+                             extra_data_mib=16, paused=True) for i in range(3)]
+    ex = exporter(f"--poll.call-budget={budget}", poll_interval="1s")
+    for vm in vms:
+        ex.wait_value("libvirt_blockjob_backing_chain_depth", {"domain": vm.name, "disk": "vdd"},
+                      lambda v: v == 1, timeout=15)
+    ex.wait_value("libvirt_blockjob_poll_cycles_total", None, lambda v: v is not None and v >= 3, timeout=10)
+    scrape = ex.scrape()
+    disks, busy = scrape.get("libvirt_blockjob_disks"), scrape.get("libvirt_blockjob_active_jobs")
+    interval = scrape.get("libvirt_blockjob_discovery_interval_seconds")
+    assert disks >= 12
+    assert interval == math.ceil((disks - busy) / max(1, budget - busy)), (disks, busy, interval)
+
+    calls = {"method": "blockJobInfo"}
+    before, started = ex.value("libvirt_blockjob_libvirt_calls_total", calls), time.monotonic()
+    time.sleep(4)
+    after, elapsed = ex.value("libvirt_blockjob_libvirt_calls_total", calls), time.monotonic() - started
+    rate = (after - before) / elapsed
+    print(f"\n{disks:.0f} disks, budget {budget}/s: discovery interval {interval:.0f} s, {rate:.2f} calls/s")
+    assert rate <= max(budget, busy + 1) + 0.5
+
+    vm, disk = random.choice(vms), random.choice(("vda", "vdb", "vdc", "vdd"))
+    labels = job_labels(vm.name, disk)
+    vmlib.start_pull(vm, disk, bandwidth_bytes=1)
+    t0 = time.monotonic()
+    try:
+        ex.wait_value("libvirt_blockjob_cursor_end", labels, lambda v: v is not None, timeout=interval + 5,
+                      what=f"the pull on {vm.name}/{disk}")
+        seen = time.monotonic() - t0
+        print(f"pull on {disk} of {vm.label} seen after {seen:.2f} s (discovery interval {interval:.0f} s)")
+        assert seen <= interval + 1.5  # the interval, a poll interval and a scrape's slack
+    finally:
+        vmlib.abort(vm, disk)
+    ex.wait_value("libvirt_blockjob_canceled_total", labels, lambda v: v == 1, timeout=10)

@@ -685,3 +685,38 @@ def test_abort_outside_window_aborts_only_the_policys_pull_when_the_window_close
     assert vmlib.job_info(ours) is None and vmlib.backing_depth(ours) == 1
     assert vmlib.job_info(theirs) is not None  # the foreign job runs on
     assert "gave_up" not in ex.output() and "attempt 1" not in ex.output()
+
+
+# ------------------------------------------------------------------------------------ stale view
+
+
+def test_a_pull_started_by_hand_that_the_sweep_has_not_reached_counts_against_the_cap(vm_factory, exporter,
+                                                                                        tmp_path):
+    """The sweep reads disks without a job slowly (budget 1 call/s), but before it starts anything
+    the policy reads every disk afresh: a foreign pull it has not yet seen fills the last slot."""
+    tok = token()
+    vms = [vm_factory.create(f"s{tok}-{i}", depth=2, data_mib=16, size_mib=32, extra_disks=(1, 1, 1),
+                             paused=True) for i in range(3)]
+    target, hand = vms[0], vms[2]
+    name = "flatten"
+    match_nothing = write_policy(tmp_path / "policy.yml", [{**rule(name, target.name),
+                                                           "when": {"min_backing_depth": 3}}])
+    ex = exporter(*policy_args(match_nothing), "--poll.call-budget=1")
+    interval = ex.wait_value("libvirt_blockjob_discovery_interval_seconds", None,
+                             lambda v: v is not None and v >= 10, timeout=10)
+    foreign = int(ex.value("libvirt_blockjob_active_jobs"))
+    vmlib.start_pull(hand, "vdc", bandwidth_bytes=1)  # crawls: holds its slot
+    try:
+        unseen = ex.value("libvirt_blockjob_cursor", job_labels(hand.name, "vdc")) is None
+        write_policy(tmp_path / "policy.yml", [rule(name, target.name)], max_concurrent=foreign + 1)
+        ex.signal(signal.SIGHUP)
+        ex.wait_value("libvirt_blockjob_policy_deferred", {"rule": name, "reason": "concurrency"},
+                      lambda v: v == 1, timeout=10)
+        print(f"\ndiscovery interval {interval:.0f} s; the hand pull was "
+              f"{'not yet' if unseen else 'already'} seen by the sweep when the policy reloaded")
+        assert_no_job_for([target], 3, ex)
+        assert started_total(ex, name) == 0
+    finally:
+        vmlib.abort(hand, "vdc")
+    ex.wait_value("libvirt_blockjob_policy_started_total", {"rule": name}, lambda v: v == 1, timeout=15)
+    vmlib.wait_for(lambda: vmlib.backing_depth(target) == 0, timeout=30, what="the policy's pull to finish")

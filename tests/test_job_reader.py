@@ -152,3 +152,27 @@ def test_disks_with_a_moving_job_are_read_and_applied_first():
     finally:
         host._readers.close()
     assert order == [("moving", 1), ("crawl", 1), ("idle", 5)]
+
+
+def test_the_sweep_reads_every_idle_disk_within_the_discovery_interval_as_the_list_changes():
+    """Round-robin in key order, resumed after the last disk swept: disks that gain or lose a job
+    meanwhile do not make the others wait longer than the exported interval."""
+    stats = SelfStats()
+    host = LibvirtHost("qemu:///nowhere", State(), stats, poll_interval=0.5, call_budget=6)
+    disks = [Target(f"d{i:02d}", None, disk, DomainInstance(f"u{i}", i)) for i in range(10) for disk in ("vda", "vdb")]
+    last_read = {t.key: 0 for t in disks}
+    for cycle in range(1, 41):
+        busy = {t.key for t in disks[cycle % 7::9]}  # jobs come and go
+        idle = [t for t in disks if t.key not in busy]
+        batch = host._sweep(idle, len(busy))
+        room = max(1, 3 - len(busy))
+        assert len(batch) == min(room, len(idle))
+        assert stats.snapshot().discovery_interval == -(-len(idle) // room) * 0.5
+        for t in batch:
+            last_read[t.key] = cycle
+        for key in busy:
+            last_read[key] = cycle  # read every cycle while it has a job
+        if cycle >= 20:
+            assert cycle - min(last_read.values()) < 20, last_read
+    unlimited = LibvirtHost("qemu:///nowhere", State(), stats, poll_interval=0.5)
+    assert unlimited._sweep(disks, 3) == disks and stats.snapshot().discovery_interval == 0.5
