@@ -27,8 +27,6 @@ DEFAULT_URI = "qemu:///system"
 DEFAULT_CALL_BUDGET = 100
 DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-
-
 MAX_FLAG_CHARS = 4096  # any flag value; a path or URL is far shorter
 
 
@@ -139,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alertmanager.url", dest="alertmanager_url", default=None, type=_url_flag,
                         help="also post block-job failures straight to this Alertmanager (v2 API)")
     parser.add_argument("--alertmanager.resolve-after", dest="alertmanager_resolve_after", default=300.0,
-                        type=_duration_flag(1.0, 7 * 86400), help="direct alerts resolve themselves after this (default 5m)")
+                        type=_duration_flag(1.0, 7 * 86400),
+                        help="direct alerts resolve themselves after this (default 5m)")
     parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS)
     parser.add_argument("--log.format", dest="log_format", default="text", choices=("text", "json"))
     parser.add_argument("--version", action="version", version=f"libvirt-blockjob-exporter {__version__}")
@@ -162,32 +161,25 @@ def run_exporter(args: argparse.Namespace) -> int:
     from .libvirt_host import LibvirtHost
     from .selfstats import SelfStats
     from .state import State
+    from .statefile import JobsFile
     from .web import WebServer
     from .webconfig import WebConfigError, load_web_config
 
-    web_config = None
-    if args.web_config_file:
-        try:
-            web_config = load_web_config(args.web_config_file)
-        except WebConfigError as err:
-            print(f"invalid --web.config.file:\n{err}", file=sys.stderr)
-            return 1
-
-    engine = None
+    try:
+        web_config = load_web_config(args.web_config_file) if args.web_config_file else None
+    except WebConfigError as err:
+        print(f"invalid --web.config.file:\n{err}", file=sys.stderr)
+        return 1
     state = State(retention=args.state_retention)
-    jobs_file = None
-    if args.state_file:
-        from .statefile import JobsFile
-
-        jobs_file = JobsFile(args.state_file)
+    jobs_file = JobsFile(args.state_file) if args.state_file else None
+    if jobs_file is not None:
         jobs_file.restore(state)
     stats = SelfStats()
-    notifier = None
+    engine = notifier = None
     if args.alertmanager_url:
         from .alertmanager import AlertmanagerNotifier
 
-        notifier = AlertmanagerNotifier(args.alertmanager_url,
-                                        resolve_after_seconds=args.alertmanager_resolve_after,
+        notifier = AlertmanagerNotifier(args.alertmanager_url, resolve_after_seconds=args.alertmanager_resolve_after,
                                         instance=args.listen_address)
 
     def on_outcomes(outcomes) -> None:
@@ -197,9 +189,15 @@ def run_exporter(args: argparse.Namespace) -> int:
             if engine is not None:
                 engine.on_outcome(outcome.domain, outcome.disk, outcome.job_type, outcome.outcome, outcome.wall)
 
+    def after_cycle() -> None:
+        if jobs_file is not None:
+            jobs_file.save(state)
+        if engine is not None:
+            engine.evaluate_and_act(state.snapshot())
+
     host = LibvirtHost(uri=args.uri, state=state, stats=stats, poll_interval=args.poll_interval,
                        inventory_interval=args.inventory_interval, call_budget=args.call_budget,
-                       read_only=not args.policy_enforce, on_outcomes=on_outcomes)
+                       read_only=not args.policy_enforce, on_outcomes=on_outcomes, after_cycle=after_cycle)
     collector = BlockJobCollector(state, stats, __version__)
     if args.policy_file:
         from .policy.config import PolicyError
@@ -211,14 +209,6 @@ def run_exporter(args: argparse.Namespace) -> int:
             print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
             return 1
         collector.add_extra("policy", engine.metric_families)
-
-    def after_cycle() -> None:
-        if jobs_file is not None:
-            jobs_file.save(state)
-        if engine is not None:
-            engine.evaluate_and_act(state.snapshot())
-
-    host.set_after_cycle(after_cycle)
     if notifier is not None:
         collector.add_extra("alertmanager", notifier.metric_families)
 
@@ -246,9 +236,8 @@ def run_exporter(args: argparse.Namespace) -> int:
         threading.Thread(target=lambda: (engine.reload(), host.request_cycle()), name="policy-reload",
                          daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    for signum, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup)):
+        signal.signal(signum, handler)
     if notifier is not None:
         notifier.start()
     host.start()
@@ -264,10 +253,9 @@ def run_exporter(args: argparse.Namespace) -> int:
 def _wait_for_signals(stop: threading.Event) -> None:
     """Block the main thread until ``stop``, running signal handlers as soon as a signal arrives.
 
-    Python runs handlers only in the main thread, and a blocking wait there is interrupted only
-    if the kernel delivers the signal to that very thread; with the poller, event-loop and web
-    threads about, about one SIGHUP in ten landed elsewhere and waited for the next wake-up.
-    The wakeup fd is written whichever thread takes the signal, so select() returns at once.
+    Python runs handlers only in the main thread, and a wait there is interrupted only if the kernel
+    delivers the signal to that thread, which with our other threads it often does not. The wakeup
+    fd is written whichever thread takes the signal, so select() returns at once.
     """
     import select
     import socket
@@ -299,13 +287,9 @@ def policy_main(argv: Sequence[str]) -> int:
     plan.add_argument("--policy.file", dest="policy_file", required=True, type=_path_flag)
     plan.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag)
     args = parser.parse_args(list(argv))
-    if args.command == "check":
-        from .policy.commands import policy_check
+    from .policy.commands import policy_check, policy_plan
 
-        return policy_check(args.file)
-    from .policy.commands import policy_plan
-
-    return policy_plan(args.policy_file, args.uri)
+    return policy_check(args.file) if args.command == "check" else policy_plan(args.policy_file, args.uri)
 
 
 if __name__ == "__main__":  # pragma: no cover

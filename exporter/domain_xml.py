@@ -14,9 +14,7 @@ from .model import BackingImage, DiskInfo
 _SKIPPED_DEVICES = ("cdrom", "floppy")
 
 
-def _source_name(element: ET.Element | None) -> str:
-    if element is None:
-        return ""
+def _source_name(element: ET.Element) -> str:
     source = element.find("source")
     if source is None:
         return ""
@@ -59,13 +57,6 @@ def parse_disks(domain_name: str, xml: str) -> list[DiskInfo]:
         target = disk.find("target")
         if target is None or not target.get("dev"):
             continue
-        disks.append(
-            DiskInfo(
-                domain=domain_name,
-                disk=target.get("dev", ""),
-                source=_source_name(disk),
-                format=_format_of(disk),
-                backing_chain=_backing_chain(disk),
-            )
-        )
+        disks.append(DiskInfo(domain=domain_name, disk=target.get("dev"), source=_source_name(disk),
+                              format=_format_of(disk), backing_chain=_backing_chain(disk)))
     return disks

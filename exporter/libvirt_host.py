@@ -145,9 +145,6 @@ class LibvirtHost:
             thread.join(timeout)
         self._disconnect()
 
-    def set_after_cycle(self, hook: Callable[[], None] | None) -> None:
-        self._after_cycle = hook
-
     def request_cycle(self) -> None:
         """Ask the poller to run the post-cycle hook soon (e.g. after a policy reload)."""
         self._wake.set()

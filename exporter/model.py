@@ -7,7 +7,6 @@ outside ``libvirt_host`` needs to know libvirt's integer constants.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Mapping
 
 JOB_TYPES = ("pull", "copy", "commit", "active_commit", "backup", "unknown")
@@ -88,21 +87,14 @@ class ActiveJob:
         return self.cur / self.end if self.end > 0 else 0.0
 
 
-# --- events handed from the libvirt event-loop thread (built there, applied elsewhere) ---
-
-
 @dataclass(frozen=True)
 class BlockJobEvent:
-    """A ``VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2`` (or ``BLOCK_JOB``) delivery.
-
-    ``disk`` is the target for BLOCK_JOB_2 and a file path for BLOCK_JOB; ``event_id`` says which.
-    ``status`` is one of OUTCOMES or "ready".
-    """
+    """A ``VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2`` (or ``BLOCK_JOB``) delivery, built in the event-loop thread."""
 
     domain: str
-    disk: str
+    disk: str  # the target for BLOCK_JOB_2, a file path for BLOCK_JOB
     job_type: str
-    status: str
+    status: str  # one of OUTCOMES or "ready"
     event_id: str  # "block_job_2" or "block_job"
     monotonic: float
     wall: float
@@ -148,10 +140,6 @@ class OutcomeRecord:
     wall: float
 
 
-def _frozen(mapping: Mapping) -> Mapping:
-    return MappingProxyType(dict(mapping))
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """Everything a reader (collector, policy engine) may know, as of one instant."""
@@ -168,15 +156,3 @@ class Snapshot:
     tracked_domains: int = 0  # domains with series: running, or gone within the retention
     tracked_disks: int = 0  # disks with series
     unresponsive_domains: frozenset[str] = frozenset()  # whose blockJobInfo has not answered
-
-    @staticmethod
-    def empty() -> "Snapshot":
-        return Snapshot(
-            connected=False,
-            disks=_frozen({}),
-            jobs=_frozen({}),
-            outcomes=_frozen({}),
-            inferred_outcomes=_frozen({}),
-            running_domains=frozenset(),
-            version=0,
-        )

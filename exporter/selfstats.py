@@ -39,8 +39,7 @@ class SelfStats:
     def calls(self, method: str, count: int = 1, errors: int = 0) -> None:
         with self._lock:
             self._calls[method] = self._calls.get(method, 0) + count
-            if errors or method not in self._errors:
-                self._errors[method] = self._errors.get(method, 0) + errors
+            self._errors[method] = self._errors.get(method, 0) + errors
 
     def reconnected(self) -> None:
         with self._lock:
@@ -60,12 +59,7 @@ class SelfStats:
     def snapshot(self) -> SelfStatsSnapshot:
         with self._lock:
             return SelfStatsSnapshot(
-                events=MappingProxyType(dict(self._events)),
-                calls=MappingProxyType(dict(self._calls)),
-                errors=MappingProxyType(dict(self._errors)),
-                reconnects=self._reconnects,
-                poll_cycles=self._poll_cycles,
-                last_poll_duration=self._last_poll_duration,
-                last_poll_timestamp=self._last_poll_timestamp,
-                discovery_interval=self._discovery_interval,
-            )
+                events=MappingProxyType(dict(self._events)), calls=MappingProxyType(dict(self._calls)),
+                errors=MappingProxyType(dict(self._errors)), reconnects=self._reconnects,
+                poll_cycles=self._poll_cycles, last_poll_duration=self._last_poll_duration,
+                last_poll_timestamp=self._last_poll_timestamp, discovery_interval=self._discovery_interval)

@@ -1,28 +1,26 @@
 """What the exporter knows about disks and block jobs, behind one lock.
 
 Events are hints and polls are samples; ``resync`` after every (re)connect is the truth. Writers
-are applied in the order libvirt sent them: ``libvirt_host`` hands poll answers, refreshes and
-resyncs to the same queue as the events, behind every event that libvirt delivered before the
-answer. The hard part is counting every outcome exactly once when the same end can be seen up to
-four ways (a ``BLOCK_JOB_2`` event, a poll that no longer finds the job, a lifecycle event, a
-resync) and when a domain of the same name can be a different run of it. The rules:
+are applied in the order libvirt sent them: ``libvirt_host`` queues poll answers, refreshes and
+resyncs behind every event libvirt delivered before the answer. The hard part is counting every
+outcome exactly once when the same end can be seen four ways (a ``BLOCK_JOB_2`` event, a poll that
+no longer finds the job, a lifecycle event, a resync) and a domain of the same name can be another
+run of it. The rules:
 
 * Only ``BLOCK_JOB_2`` events count outcomes; ``BLOCK_JOB`` is the same outcome named by path.
 * A job belongs to one run of its domain (``DomainInstance``: UUID and runtime id). An answer or
   event from another run never updates, ends or stands in for it. When a run ends (stopped,
   crashed, or a later run seen) its jobs end, inferred, and later events of that run are not
-  counted: they report ends that were counted when the run ended.
+  counted: their ends were counted when the run ended.
 * A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds; if no event
   names the outcome by then, it is inferred from the disk (see ``infer_outcome``).
 * A poll answer for a disk whose job ended after that poll's call began is stale and ignored.
-* An event for a disk with no known job counts (the job ran between two polls), with one exception:
-  within ``settle`` seconds after a resync inferred the end of a job of the same run on that disk,
-  the first such event is libvirt re-reporting that end (it does so for jobs that finished while
-  it was down) and is not counted again. libvirtd queues such a report before it answers the
-  resync's read of that domain, so it arrives before the resync is applied (and then ends the job
-  as an ordinary event) or, when libvirtd's event thread lags its RPC worker, just after: the
-  window is short so that a new job started right after a reconnect is still counted. Every event
-  that is not counted is logged with the reason.
+* An event for a disk with no known job counts (the job ran between two polls), except the first
+  one within ``settle`` seconds after a resync inferred the end of a job of the same run on that
+  disk: that is libvirt re-reporting an end that happened while it was down. It queues the report
+  before answering the resync's read, but its event thread can lag its RPC worker, so the report
+  may arrive just after the resync; the window is short so that a job started right after a
+  reconnect still counts. Every event that is not counted is logged with the reason.
 * Series of a domain that is gone are dropped after ``retention`` seconds; a domain that comes back
   within it keeps its counters.
 """
@@ -157,18 +155,12 @@ class State:
                 series_disks = {(k[0], k[1]) for k in self._outcomes}
                 series_disks.update(self._disks)
                 self._snapshot = Snapshot(
-                    connected=self._connected,
-                    disks=MappingProxyType(dict(self._disks)),
-                    jobs=MappingProxyType(dict(self._jobs)),
-                    outcomes=MappingProxyType(dict(self._outcomes)),
-                    inferred_outcomes=MappingProxyType(dict(self._inferred)),
-                    running_domains=frozenset(self._running),
-                    version=self._version,
-                    taken_wall=self._clock(),
+                    connected=self._connected, disks=MappingProxyType(dict(self._disks)),
+                    jobs=MappingProxyType(dict(self._jobs)), outcomes=MappingProxyType(dict(self._outcomes)),
+                    inferred_outcomes=MappingProxyType(dict(self._inferred)), running_domains=frozenset(self._running),
+                    version=self._version, taken_wall=self._clock(),
                     tracked_domains=len(self._running.union(k[0] for k in series_disks)),
-                    tracked_disks=len(series_disks),
-                    unresponsive_domains=self._unresponsive,
-                )
+                    tracked_disks=len(series_disks), unresponsive_domains=self._unresponsive)
             return self._snapshot
 
     def job_cursor_times(self) -> dict[DiskKey, float]:
@@ -214,12 +206,11 @@ class State:
         """Apply a batch of answers under one lock; most are "no job" and cost a lookup."""
         records: list[OutcomeRecord] = []
         with self._lock:
-            jobs, now = self._jobs, None
+            now = None
             for answer in answers:
                 key = (answer.domain, answer.disk)
-                job = jobs.get(key)
-                info = answer.info
-                if info is None and job is None:
+                job = self._jobs.get(key)
+                if answer.info is None and job is None:
                     continue
                 if answer.domain not in self._running:
                     continue  # the domain stopped while the call was in flight
@@ -229,43 +220,27 @@ class State:
                 ended = self._ended.get(key)
                 if ended is not None and ended.monotonic >= answer.call_started and _same_run(ended.instance, current):
                     continue  # an event ended this job while the call was in flight
-                if info is None:
+                if answer.info is None:
                     if key not in self._pending:
                         self._pending[key] = self._monotonic()
                     continue
-                self._pending.pop(key, None)
                 if now is None:
                     now = self._clock()
                 if job is not None and not _same_run(job.instance, current):
                     # The run the job belonged to ended unseen; this is a job of the new run.
                     records.extend(self._end_run_jobs(answer.domain, job.instance, crashed=False))
-                    job = None
-                elif job is not None and job.job_type != info.job_type:
-                    # A different job took the disk between two polls without any event for the
-                    # old one: the old one ended, the new one starts now.
-                    records.append(self._end_job(key, infer_outcome(job, self._tracked.get(key), self._disks.get(key),
-                                                                    True), inferred=True))
-                    job = None
-                if job is None:
-                    self._start_job(key, info, now, current or answer.instance)
-                else:
-                    self._update_job(key, job, info, now)
+                records.extend(self._sample(key, answer.info, now, current or answer.instance))
         return tuple(records)
 
     def expire(self) -> tuple[OutcomeRecord, ...]:
-        """Infer outcomes for jobs the poll lost longer than the grace ago with no event, and drop
-        the series of domains gone longer than the retention."""
+        """Infer outcomes of jobs the poll lost over the grace ago with no event; drop series past the retention."""
         with self._lock:
             now = self._monotonic()
             records = []
             deadline = now - self._pending_grace
-            for key, lost_at in list(self._pending.items()):
-                if lost_at > deadline:
-                    continue
-                job = self._jobs[key]
-                running = key[0] in self._running and _same_run(job.instance, self._instances.get(key[0]))
-                outcome = infer_outcome(job, self._tracked.get(key), self._disks.get(key), running)
-                records.append(self._end_job(key, outcome, inferred=True))
+            for key in [k for k, lost_at in self._pending.items() if lost_at <= deadline]:
+                running = key[0] in self._running and _same_run(self._jobs[key].instance, self._instances.get(key[0]))
+                records.append(self._end_inferred(key, running))
             self._forget_gone(now)
             return tuple(records)
 
@@ -283,8 +258,7 @@ class State:
 
     def replace_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
                           instances: Mapping[str, DomainInstance] | None = None) -> tuple[OutcomeRecord, ...]:
-        """Replace the disk inventory; jobs of domains no longer running (or of an earlier run)
-        end, inferred."""
+        """Replace the disk inventory; jobs of domains no longer running (or of an earlier run) end, inferred."""
         with self._lock:
             records = self._set_inventory(disks, instances or {})
             self._changed()
@@ -293,49 +267,33 @@ class State:
     def resync(self, disks: Mapping[str, Iterable[DiskInfo]], jobs: Mapping[DiskKey, JobInfo],
                call_started: float, jobs_complete: bool = True,
                instances: Mapping[str, DomainInstance] | None = None) -> tuple[OutcomeRecord, ...]:
-        """Replace everything with what libvirt says now, counting jobs that ended unseen.
-
-        ``disks`` maps every running domain to its disks; ``jobs`` holds every active job found.
-        ``jobs_complete`` is False when some disks could not be polled: their jobs then stay as
-        they were rather than being counted as ended.
-        """
+        """Replace everything with what libvirt says now, counting jobs that ended unseen. ``disks`` maps
+        every running domain to its disks, ``jobs`` holds every active job found. ``jobs_complete`` is
+        False when some disks could not be polled: a job missing from ``jobs`` then ends only if its disk is gone."""
         with self._lock:
             records = list(self._set_inventory(disks, instances or {}))
             now_m = self._monotonic()
-            for key in list(self._jobs):
-                if key in jobs:
-                    continue
-                if not jobs_complete and key in self._disks:
+            for key, job in list(self._jobs.items()):
+                if key in jobs or (not jobs_complete and key in self._disks):
                     continue
                 ended = self._ended.get(key)
                 if ended is not None and ended.monotonic >= call_started:
                     continue
-                job = self._jobs[key]
-                outcome = infer_outcome(job, self._tracked.get(key), self._disks.get(key), True)
-                records.append(self._end_job(key, outcome, inferred=True))
-                self._settling[key] = _Settling(job.instance, job.job_type, outcome, now_m + self._settle)
+                record = self._end_inferred(key)
+                records.append(record)
+                self._settling[key] = _Settling(job.instance, job.job_type, record.outcome, now_m + self._settle)
             now = self._clock()
             for key, info in jobs.items():
                 ended = self._ended.get(key)
                 if (ended is not None and ended.monotonic >= call_started
                         and _same_run(ended.instance, self._instances.get(key[0]))):
                     continue
-                job = self._jobs.get(key)
-                self._pending.pop(key, None)
-                if job is not None and job.job_type != info.job_type:
-                    records.append(self._end_job(key, infer_outcome(job, self._tracked.get(key),
-                                                                    self._disks.get(key), True), inferred=True))
-                    job = None
-                if job is None:
-                    self._start_job(key, info, now, self._instances.get(key[0]))
-                else:
-                    self._update_job(key, job, info, now)
+                records.extend(self._sample(key, info, now, self._instances.get(key[0])))
             self._changed()
             return tuple(records)
 
     def restore(self, tracked: Iterable[TrackedJob]) -> None:
-        """Jobs a previous process was tracking (from the state file), before the first resync
-        tells which of them are still running and which ended meanwhile."""
+        """Jobs a previous process tracked (the state file); the first resync tells which still run, which ended."""
         with self._lock:
             for entry in tracked:
                 key = entry.job.key
@@ -360,8 +318,7 @@ class State:
         self._instances[domain] = instance
         if current is None or current == instance:
             return ()
-        self._stopped_runs[current] = self._monotonic()
-        return self._end_run_jobs(domain, current, crashed=False)
+        return self._end_run_jobs(domain, current, crashed=False)  # marks ``current`` stopped
 
     def _end_run_jobs(self, domain: str, run: DomainInstance | None, crashed: bool) -> tuple[OutcomeRecord, ...]:
         """End the jobs of one run of a domain (every run's when ``run`` is None): it has ended."""
@@ -369,12 +326,10 @@ class State:
         if run is not None:
             self._stopped_runs[run] = now
         records = []
-        for key in [k for k, job in self._jobs.items() if k[0] == domain and _same_run(job.instance, run)]:
-            job = self._jobs[key]
+        for key, job in [(k, j) for k, j in self._jobs.items() if k[0] == domain and _same_run(j.instance, run)]:
             if job.instance is not None:
                 self._stopped_runs[job.instance] = now
-            outcome = infer_outcome(job, self._tracked.get(key), None, False, domain_crashed=crashed)
-            records.append(self._end_job(key, outcome, inferred=True))
+            records.append(self._end_inferred(key, running=False, crashed=crashed))
         return tuple(records)
 
     def _set_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
@@ -403,17 +358,10 @@ class State:
         if (info.cur == job.cur and info.end == job.end and info.bandwidth == job.bandwidth
                 and (job.ready or not info.ready)):
             return  # the usual case: nothing to record
-        updated = replace(
-            job,
-            cur=info.cur,
-            end=info.end,
-            bandwidth=info.bandwidth,
-            ready=job.ready or info.ready,
-            cursor_changed_time=now if info.cur != job.cur else job.cursor_changed_time,
-        )
-        if updated != job:
-            self._jobs[key] = updated
-            self._changed()
+        self._jobs[key] = replace(job, cur=info.cur, end=info.end, bandwidth=info.bandwidth,
+                                  ready=job.ready or info.ready,
+                                  cursor_changed_time=now if info.cur != job.cur else job.cursor_changed_time)
+        self._changed()
 
     def _replace_disks(self, selected: Callable[[DiskKey], bool], new: dict[DiskKey, DiskInfo]) -> None:
         changed = False
@@ -434,6 +382,19 @@ class State:
         if changed:
             self._changed()
 
+    def _sample(self, key: DiskKey, info: JobInfo, now: float,
+                instance: DomainInstance | None) -> tuple[OutcomeRecord, ...]:
+        """A poll's or resync's answer naming a job on the disk. A job of another type there means a
+        new job took the disk between two samples without any event for the old one: it ended."""
+        self._pending.pop(key, None)
+        job = self._jobs.get(key)
+        if job is not None and job.job_type == info.job_type:
+            self._update_job(key, job, info, now)
+            return ()
+        records = () if job is None else (self._end_inferred(key),)
+        self._start_job(key, info, now, instance)
+        return records
+
     def _start_job(self, key: DiskKey, info: JobInfo, now: float, instance: DomainInstance | None) -> None:
         domain, disk = key
         job = self._jobs[key] = ActiveJob(
@@ -441,15 +402,17 @@ class State:
             bandwidth=info.bandwidth, ready=info.ready, start_time=now, cursor_changed_time=now,
             instance=instance)
         current = self._disks.get(key)
-        self._tracked[key] = TrackedJob(
-            job=job,
-            chain_at_start=tuple(i.path for i in current.backing_chain) if current else (),
-            source_at_start=current.source if current else "")
+        self._tracked[key] = TrackedJob(job, tuple(i.path for i in current.backing_chain) if current else (),
+                                        current.source if current else "")
         self._settling.pop(key, None)
         for outcome in OUTCOMES:
             self._outcomes.setdefault((domain, disk, info.job_type, outcome), 0)
         self._jobs_generation += 1
         self._changed()
+
+    def _end_inferred(self, key: DiskKey, running: bool = True, crashed: bool = False) -> OutcomeRecord:
+        outcome = infer_outcome(self._jobs[key], self._tracked.get(key), self._disks.get(key), running, crashed)
+        return self._end_job(key, outcome, inferred=True)
 
     def _end_job(self, key: DiskKey, outcome: str, inferred: bool) -> OutcomeRecord:
         job = self._jobs.pop(key)
@@ -463,10 +426,10 @@ class State:
         domain, disk = key
         for each in OUTCOMES:
             self._outcomes.setdefault((domain, disk, job_type, each), 0)
-        self._outcomes[(domain, disk, job_type, outcome)] += 1
+        series = (domain, disk, job_type, outcome)
+        self._outcomes[series] += 1
         if inferred:
-            counter_key = (domain, disk, job_type, outcome)
-            self._inferred[counter_key] = self._inferred.get(counter_key, 0) + 1
+            self._inferred[series] = self._inferred.get(series, 0) + 1
         self._ended[key] = _Ended(self._monotonic(), instance)
         if domain not in self._running:
             self._gone_since.setdefault(domain, self._monotonic())
@@ -556,8 +519,8 @@ class State:
             del self._ended[key]
         for key in [k for k, s in self._settling.items() if now > s.until]:
             del self._settling[key]
-        old = [run for run, at in self._stopped_runs.items() if now - at > max(self._retention, _ENDED_KEPT_SECONDS)]
-        for run in old:
+        kept = max(self._retention, _ENDED_KEPT_SECONDS)
+        for run in [run for run, at in self._stopped_runs.items() if now - at > kept]:
             del self._stopped_runs[run]
         while len(self._stopped_runs) > _STOPPED_RUNS_KEPT:  # dicts keep insertion order: oldest first
             del self._stopped_runs[next(iter(self._stopped_runs))]

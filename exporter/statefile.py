@@ -1,13 +1,11 @@
 """The jobs being tracked, kept in a small file across restarts of the exporter.
 
 Without it a job that ends while the exporter is down is never counted, and a failure in that gap
-is lost without a trace. At start the file's jobs are restored into the state, and the first
-resync reconciles them the way it does after a libvirtd restart: a job still running is the same
-job (same start time), one that ended meanwhile is inferred once and counted as inferred.
-
-The file is written atomically (a temporary file renamed over it) whenever a job starts or ends,
-never on mere progress. A missing, unreadable or corrupt file means a clean start and a warning:
-it is a cache of what libvirt itself can tell, never a reason to refuse to run.
+is lost without a trace. The first resync reconciles the restored jobs as after a libvirtd restart:
+a job still running is the same job (same start time), one that ended meanwhile is counted once, as
+inferred. The file is written atomically whenever a job starts or ends, never on mere progress. A
+missing, unreadable or corrupt file means a clean start and a warning: it caches what libvirt
+itself can tell, never a reason to refuse to run.
 """
 
 from __future__ import annotations
@@ -131,8 +129,7 @@ class JobsFile:
         """Load the file into ``state``; returns the number of jobs restored."""
         try:
             with open(self.path, "rb") as f:
-                data = f.read(MAX_BYTES + 1)
-            jobs = parse(data)
+                jobs = parse(f.read(MAX_BYTES + 1))
         except FileNotFoundError:
             log.warning("state file %s does not exist: starting clean (jobs that ended while the exporter "
                         "was down cannot be counted this time)", self.path)
