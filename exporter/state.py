@@ -169,10 +169,11 @@ class State:
             return {key: job.cursor_changed_time for key, job in self._jobs.items()}
 
     def tracked_jobs(self) -> tuple[int, tuple[TrackedJob, ...]]:
-        """(generation, jobs): the generation changes only when a job starts or ends."""
+        """(generation, jobs as they are now): the generation changes when a job starts, ends or
+        becomes ready (an abort of a ready mirror is a cancel, of one not ready a failure)."""
         with self._lock:
             return self._jobs_generation, tuple(
-                self._tracked.get(key) or TrackedJob(job, (), "") for key, job in self._jobs.items())
+                replace(self._tracked[key], job=job) for key, job in self._jobs.items() if key in self._tracked)
 
     # ----------------------------------------------------------------- writers
 
@@ -361,6 +362,8 @@ class State:
         self._jobs[key] = replace(job, cur=info.cur, end=info.end, bandwidth=info.bandwidth,
                                   ready=job.ready or info.ready,
                                   cursor_changed_time=now if info.cur != job.cur else job.cursor_changed_time)
+        if info.ready and not job.ready:
+            self._jobs_generation += 1
         self._changed()
 
     def _replace_disks(self, selected: Callable[[DiskKey], bool], new: dict[DiskKey, DiskInfo]) -> None:
@@ -451,6 +454,7 @@ class State:
         if event.status == "ready":
             if same_run and not job.ready:
                 self._jobs[key] = replace(job, ready=True)
+                self._jobs_generation += 1
                 self._changed()
             return ()
         if event.status not in OUTCOMES:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from exporter import statefile
-from exporter.model import ActiveJob, DomainInstance
+from exporter.model import ActiveJob, DomainInstance, JobInfo
 from exporter.state import State, TrackedJob
 from exporter.statefile import JobsFile, StateFileError, dump, parse
 
@@ -98,3 +98,23 @@ def test_an_unwritable_path_is_a_warning_not_an_error(tmp_path, caplog):
     state.restore([tracked()])
     JobsFile(str(blocker / "state.json")).save(state)  # its directory is a file
     assert "cannot write the state file" in caplog.text
+
+
+def test_a_mirror_that_became_ready_is_saved_ready_and_its_abort_while_away_counts_canceled(tmp_path):
+    """The file keeps jobs as they are now: a copy aborted once ready is a cancel, not a failure."""
+    from exporter.model import BlockJobEvent, DiskInfo
+
+    path = str(tmp_path / "state.json")
+    disk = DiskInfo("dom", "vda", "/img/top.qcow2", "qcow2", ())
+    state = State()
+    state.update_domain("dom", [disk], RUN)
+    state.apply_poll("dom", "vda", JobInfo("copy", 10, 100, 0), 0.0, instance=RUN)
+    jobs_file = JobsFile(path)
+    jobs_file.save(state)
+    state.apply(BlockJobEvent("dom", "vda", "copy", "ready", "block_job_2", 1.0, 1.0, RUN))
+    jobs_file.save(state)  # becoming ready is written
+    again = State()
+    assert JobsFile(path).restore(again) == 1
+    assert again.snapshot().jobs[("dom", "vda")].ready
+    records = again.resync({"dom": [disk]}, {}, 2.0, instances={"dom": RUN})
+    assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]
