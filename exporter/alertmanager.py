@@ -1,15 +1,15 @@
 """Posts block-job failures straight to Alertmanager (``--alertmanager.url``).
 
-For hosts whose failures must page even when no Prometheus is watching, or faster than a scrape
-and rule evaluation would. The libvirt event path must never wait on the network, so
-``notify_failure`` only puts the event on a bounded queue; one daemon thread posts, retries and
-gives up. Each alert carries its own ``endsAt``: it resolves itself, nothing has to remember to
+They page with no Prometheus watching, and sooner than a scrape and rule would. The libvirt event
+path must never wait on the network, so ``notify_failure`` only queues (bounded); one daemon thread
+posts, retries and gives up. Each alert carries its own ``endsAt``, so nothing has to remember to
 resolve it. See docs/alerting.md for labels and behaviour.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import ipaddress
 import json
@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from typing import Callable, Mapping, NamedTuple
+from typing import Mapping, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily
 
@@ -57,8 +57,7 @@ _STOP = object()
 
 
 def rfc3339(unix_time: float) -> str:
-    return (datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"))
+    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _default_instance(instance: str) -> str:
@@ -72,10 +71,8 @@ def _default_instance(instance: str) -> str:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -83,8 +80,7 @@ def _is_loopback(host: str) -> bool:
 class AlertmanagerNotifier:
     def __init__(self, url: str, resolve_after_seconds: float = 300.0, timeout_seconds: float = 5.0,
                  instance: str = "", extra_labels: Mapping[str, str] | None = None, queue_size: int = 1000,
-                 *, retries: int = 3, backoff_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 *, retries: int = 3, backoff_seconds: float = 1.0) -> None:
         """Raises ValueError for a URL or labels that could never work, so it fails at start-up."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -120,23 +116,20 @@ class AlertmanagerNotifier:
         self.extra_labels = extra
         self.retries = retries
         self.backoff_seconds = float(backoff_seconds)
-        self._clock = clock
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(RESULTS, 0)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._deadline = math.inf  # monotonic time after which a stopping worker drops what is left
         self._last_log = -math.inf
         self._suppressed = 0
 
-    # -- caller side ---------------------------------------------------------------------------
-
     def start(self) -> None:
         with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._run, name="alertmanager-notifier", daemon=True)
-            self._thread.start()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="alertmanager-notifier", daemon=True)
+                self._thread.start()
 
     def notify_failure(self, domain: str, disk: str, job_type: str, wall_time: float) -> None:
         """Queues one failure; never blocks and never raises (a full queue drops and counts it)."""
@@ -155,62 +148,47 @@ class AlertmanagerNotifier:
         family = CounterMetricFamily("libvirt_blockjob_alertmanager_notifications",
                                      "Alerts posted to Alertmanager, by result", labels=("result",))
         with self._lock:
-            counts = dict(self._counts)
-        for result in RESULTS:
-            family.add_metric((result,), counts[result])
+            for result in RESULTS:
+                family.add_metric((result,), self._counts[result])
         return [family]
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stops retrying; what is still queued gets one attempt each until `timeout` runs out."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        self._deadline = deadline
+        self._deadline = deadline = time.monotonic() + max(0.0, timeout)
         self._stopping.set()
-        try:
+        with contextlib.suppress(queue.Full):  # when full, the worker sees _stopping and drains it anyway
             self._queue.put_nowait(_STOP)
-        except queue.Full:
-            pass  # the worker sees _stopping and drains the queue anyway
-        thread = self._thread
-        if thread is not None:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        # Whatever could not be sent in time is lost.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Failure):
-                self._count("dropped")
-
-    # -- worker side ---------------------------------------------------------------------------
-
-    _deadline = math.inf
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(queue.Empty):  # whatever could not be sent in time is lost
+            while True:
+                if isinstance(self._queue.get_nowait(), _Failure):
+                    self._count("dropped")
 
     def _run(self) -> None:
         while True:
             try:
                 item = self._queue.get(timeout=0.5)
             except queue.Empty:
-                if self._stopping.is_set():
+                item = _STOP
+            if item is _STOP:  # a wake-up from stop(), or nothing to do
+                if self._stopping.is_set() and self._queue.empty():
                     return
-                continue
-            if item is _STOP:
-                if self._queue.empty():
-                    return
-                continue
-            if self._stopping.is_set() and time.monotonic() >= self._deadline:
+            elif self._stopping.is_set() and time.monotonic() >= self._deadline:
                 self._count("dropped")
-                continue
-            try:
-                self._deliver(item)  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001 - keep the worker alive whatever happens
-                self._count("error")
-                log.exception("unexpected error posting to Alertmanager")
+            else:
+                try:
+                    self._deliver(item)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - keep the worker alive whatever happens
+                    self._count("error")
+                    log.exception("unexpected error posting to Alertmanager")
 
     def _deliver(self, failure: _Failure) -> None:
         body = json.dumps([self.alert(failure)]).encode()
-        attempts = 1 + self.retries
         problem = ""
-        for attempt in range(attempts):
+        for attempt in range(1 + self.retries):
+            if attempt and self._stopping.wait(self.backoff_seconds * 2 ** (attempt - 1)):
+                break  # stopping: no more retries
             try:
                 self._post(body)
                 self._count("success")
@@ -220,10 +198,6 @@ class AlertmanagerNotifier:
                 break
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 problem = str(getattr(exc, "reason", None) or exc)
-            if attempt + 1 < attempts:
-                delay = self.backoff_seconds * (2 ** attempt)
-                if self._stopping.is_set() or self._stopping.wait(delay):
-                    break  # stopping: no more retries
         self._count("error")
         self._log_error("could not post failure of %s/%s to Alertmanager %s: %s",
                         failure.domain, failure.disk, self.endpoint, problem)
@@ -244,19 +218,10 @@ class AlertmanagerNotifier:
         """The v2 API alert for one failure (a function of the failure and settings only)."""
         start = failure.wall_time
         if not isinstance(start, (int, float)) or not math.isfinite(start) or start <= 0:
-            start = self._clock()
-        labels = dict(self.extra_labels)
-        labels.update({
-            "alertname": ALERTNAME,
-            "severity": "critical",
-            "domain": failure.domain,
-            "disk": failure.disk,
-            "job_type": failure.job_type,
-            "instance": self.instance,
-            "source": SOURCE,
-        })
+            start = time.time()
         return {
-            "labels": labels,
+            "labels": {**self.extra_labels, "alertname": ALERTNAME, "severity": "critical", "domain": failure.domain,
+                       "disk": failure.disk, "job_type": failure.job_type, "instance": self.instance, "source": SOURCE},
             "annotations": {
                 "summary": "A libvirt block job failed.",
                 "description": (f"The {failure.job_type} block job on disk {failure.disk} of domain "
@@ -266,8 +231,6 @@ class AlertmanagerNotifier:
             "startsAt": rfc3339(start),
             "endsAt": rfc3339(start + self.resolve_after_seconds),
         }
-
-    # -- bookkeeping ---------------------------------------------------------------------------
 
     def _count(self, result: str) -> None:
         with self._lock:

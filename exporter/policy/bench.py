@@ -41,12 +41,10 @@ def build(n: int) -> Snapshot:
         dom = ("web-" if i % 2 else "db-") + str(i)
         chain = tuple(BackingImage(f"/img/{dom}-s{k}.qcow2", "qcow2") for k in range(i % 4))
         if i % 3 == 0:
-            chain += (BackingImage("/img/base-2025-01.qcow2", "qcow2"), BackingImage("/img/base-2023-01.qcow2", "qcow2"))
+            chain += tuple(BackingImage(f"/img/base-{y}-01.qcow2", "qcow2") for y in (2025, 2023))
         d = DiskInfo(dom, "vda", f"/img/{dom}.qcow2", "qcow2", chain)
         disks[d.key] = d
-    jobs = {
-        k: ActiveJob(k[0], k[1], "copy", 1, 2, 0, False, 0.0, 0.0) for k in list(disks)[:2]
-    }
+    jobs = {k: ActiveJob(k[0], k[1], "copy", 1, 2, 0, False, 0.0, 0.0) for k in list(disks)[:2]}
     return Snapshot(True, MappingProxyType(disks), MappingProxyType(jobs), MappingProxyType({}),
                     MappingProxyType({}), frozenset(d.domain for d in disks.values()), 1)
 

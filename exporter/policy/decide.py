@@ -1,8 +1,7 @@
 """The policy's decisions, as a pure function of (snapshot, policy, clock, history).
 
-Nothing here touches libvirt, files or the real clock: disk space comes from an injected
-function, time from ``now``, and what the policy did before from ``History``. That keeps every
-safety rule (one job per disk, ``max_concurrent``, windows, space, backoff) testable without VMs.
+Nothing here touches libvirt, files or the real clock (space comes from an injected function, time
+from ``now``, past actions from ``History``), so every safety rule is testable without VMs.
 """
 
 from __future__ import annotations
@@ -12,13 +11,14 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Callable, Mapping
 
+from exporter.durations import format_duration
 from exporter.model import BackingImage, DiskInfo, DiskKey, Snapshot
 
-from .config import Policy, Rule, format_bytes, format_duration
+from .config import Policy, Rule, format_bytes
 
-ACTIONS = ("start", "defer", "abort")
-REASONS = ("start", "window", "concurrency", "space", "backoff", "active_job", "gave_up", "dry_run")
-DEFER_REASONS = REASONS[1:]  # the `reason` label values of libvirt_blockjob_policy_deferred
+# The `reason` label values of libvirt_blockjob_policy_deferred; a start has reason "start".
+DEFER_REASONS = ("window", "concurrency", "space", "backoff", "active_job", "gave_up", "dry_run")
+Verdict = tuple[str, str, str, str | None]  # a Decision's (action, reason, detail, would)
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,9 @@ class DiskHistory:
         return self.running_since is not None
 
 
-def _empty_map() -> Mapping:
-    return MappingProxyType({})
-
-
 @dataclass(frozen=True)
 class History:
-    disks: Mapping[DiskKey, DiskHistory] = field(default_factory=_empty_map)
+    disks: Mapping[DiskKey, DiskHistory] = field(default_factory=lambda: MappingProxyType({}))
 
     @staticmethod
     def empty() -> "History":
@@ -150,9 +146,7 @@ def match_rule(disk: DiskInfo, rule: Rule) -> tuple[bool, str, str | None]:
     base_path = None
     kb = rule.pull.keep_base
     if kb is not None:
-        index = next(
-            (i for i, b in enumerate(disk.backing_chain) if b.path and kb.matches(b.path)), None
-        )
+        index = next((i for i, b in enumerate(disk.backing_chain) if b.path and kb.matches(b.path)), None)
         if index is None:
             return False, f"no backing image matches keep_base {kb.pattern!r}", None
         base_path = disk.backing_chain[index].path
@@ -167,8 +161,7 @@ def match_rule(disk: DiskInfo, rule: Rule) -> tuple[bool, str, str | None]:
 def match_disks(snapshot: Snapshot, policy: Policy) -> Matches:
     candidates: list[Candidate] = []
     unmatched: list[NoMatch] = []
-    for key in sorted(snapshot.disks):
-        disk = snapshot.disks[key]
+    for _, disk in sorted(snapshot.disks.items()):
         if disk.domain not in snapshot.running_domains or disk.backing_depth == 0:
             continue
         misses: list[NoMatch] = []
@@ -185,21 +178,13 @@ def match_disks(snapshot: Snapshot, policy: Policy) -> Matches:
     return Matches(tuple(candidates), tuple(unmatched))
 
 
-def evaluate(
-    snapshot: Snapshot,
-    policy: Policy,
-    now: datetime,
-    history: History,
-    space: SpaceFn,
-    enforcing: bool,
-    matches: Matches | None = None,
-) -> Plan:
+def evaluate(snapshot: Snapshot, policy: Policy, now: datetime, history: History, space: SpaceFn, enforcing: bool,
+             matches: Matches | None = None) -> Plan:
     """Decide, for every disk a rule matches, whether to start a pull now and why (not).
 
-    ``now`` must be timezone-aware local time: windows use its wall-clock fields, backoff its
-    Unix time. ``space`` is called only for disks that pass every other check. In dry run the
-    simulation is the same as when enforcing (would-starts take concurrency slots), and every
-    would-be start or abort is reported as ``defer`` with reason ``dry_run``.
+    ``now`` must be timezone-aware local time (windows read its wall clock, backoff its Unix time).
+    ``space`` is called only for disks that pass every other check. A dry run simulates enforcing
+    (would-starts take slots) and reports would-be starts and aborts as ``defer``/``dry_run``.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -218,22 +203,17 @@ def evaluate(
     pending = {k for k, h in history.disks.items() if h.running}
     busy = set(snapshot.jobs) | pending
     active_before = active = len(busy)
-    windows_closed = limits.windows is not None and not in_window
-    decisions: list[Decision] = []
-    decided: set[DiskKey] = set()
+    abort_now = limits.abort_outside_window and not in_window
+    nxt = None if in_window else limits.next_opening(now)
+    window_detail = "outside the start windows" + (f"; next opens {nxt:%a %Y-%m-%d %H:%M}" if nxt else "")
 
-    abort_now = limits.abort_outside_window and windows_closed
-    window_detail: str | None = None  # built once: every candidate shares it
-
-    # (action, reason, detail, would); Decision is built once per disk because this loop runs for
-    # every candidate after each poll cycle and job end.
-    def verdict(c: Candidate) -> tuple[str, str, str, str | None]:
-        nonlocal active, window_detail
+    def verdict(c: Candidate) -> Verdict:
+        nonlocal active
         disk = c.disk
         key = disk.key
         h = history.disks.get(key)
         if key in busy:
-            abort = _abort_verdict(key, snapshot, h, abort_now)
+            abort = _abort_verdict(key, snapshot, h, enforcing) if abort_now else None
             if abort is not None:
                 return abort
             job = snapshot.jobs.get(key)
@@ -253,14 +233,9 @@ def evaluate(
             return ("defer", "backoff",
                     "a policy pull on this disk completed; the inventory still shows the old chain", None)
         if not in_window:
-            if window_detail is None:
-                nxt = limits.next_opening(now)
-                window_detail = "outside the start windows" + (
-                    f"; next opens {nxt:%a %Y-%m-%d %H:%M}" if nxt else "")
             return "defer", "window", window_detail, None
         if active >= limits.max_concurrent:
-            return ("defer", "concurrency",
-                    f"{active} active jobs >= max_concurrent {limits.max_concurrent}", None)
+            return "defer", "concurrency", f"{active} active jobs >= max_concurrent {limits.max_concurrent}", None
         est = space(disk, c.base_path)
         if est is None:
             return "defer", "space", "cannot estimate the space the pull needs", None
@@ -274,54 +249,37 @@ def evaluate(
             return "start", "start", detail, None
         return "defer", "dry_run", f"dry run, would {detail}", "start"
 
+    decisions: list[Decision] = []
     deferred: dict[tuple[str, str], int] = {}
     for c in matches.candidates:
         name = c.rule.name
         counts[name] = counts.get(name, 0) + 1
         action, reason, detail, would = verdict(c)
-        if action == "abort" and not enforcing:
-            action, reason, detail, would = "defer", "dry_run", "dry run, would " + detail, "abort"
         decisions.append(Decision(c.disk.domain, c.disk.disk, name, action, reason, c.match_reason,
                                   c.rule.pull.bandwidth_bytes, c.base_path, detail, would))
-        decided.add(c.disk.key)
         if action != "start":
             deferred[(name, reason)] = deferred.get((name, reason), 0) + 1
 
     # Pulls this policy started on disks no rule matches any more still follow abort_outside_window.
     if abort_now:
-        for key in sorted(pending - decided):
+        for key in sorted(pending - {d.key for d in decisions}):
             h = history.disks[key]
-            v = _abort_verdict(key, snapshot, h, True)
-            if v is None or v[0] != "abort":
-                continue
-            action, reason, detail, would = v
-            if not enforcing:
-                action, reason, detail, would = "defer", "dry_run", "dry run, would " + detail, "abort"
-            decisions.append(Decision(key[0], key[1], h.rule, action, reason, "started by this policy",
-                                      detail=detail, would=would))
+            v = _abort_verdict(key, snapshot, h, enforcing)
+            if v is not None and not h.aborting:
+                action, reason, detail, would = v
+                decisions.append(Decision(key[0], key[1], h.rule, action, reason, "started by this policy",
+                                          detail=detail, would=would))
 
-    return Plan(
-        decisions=tuple(decisions),
-        candidates=MappingProxyType(counts),
-        deferred=MappingProxyType(deferred),
-        unmatched=matches.unmatched,
-        enforcing=enforcing,
-        now=now,
-        in_window=in_window,
-        active_jobs=active_before,
-        max_concurrent=limits.max_concurrent,
-    )
+    return Plan(tuple(decisions), MappingProxyType(counts), MappingProxyType(deferred), matches.unmatched,
+                enforcing, now, in_window, active_before, limits.max_concurrent)
 
 
-def _abort_verdict(key: DiskKey, snapshot: Snapshot, h: DiskHistory | None,
-                   abort_now: bool) -> tuple[str, str, str, str | None] | None:
+def _abort_verdict(key: DiskKey, snapshot: Snapshot, h: DiskHistory | None, enforcing: bool) -> Verdict | None:
     """Abort a pull this policy started, once its window has closed; None if not applicable."""
-    if not abort_now or h is None or not h.running:
-        return None
     job = snapshot.jobs.get(key)
-    if job is None or job.job_type != "pull":
+    if h is None or not h.running or job is None or job.job_type != "pull":
         return None  # only abort what the inventory shows is our pull
     if h.aborting:
         return "defer", "window", "window closed; abort already requested", None
-    return ("abort", "window",
-            "window closed and abort_outside_window is true; aborting the pull this policy started", None)
+    detail = "window closed and abort_outside_window is true; aborting the pull this policy started"
+    return ("abort", "window", detail, None) if enforcing else ("defer", "dry_run", f"dry run, would {detail}", "abort")

@@ -1,9 +1,7 @@
 """The thin, stateful layer around ``decide.evaluate``: it starts pulls and remembers outcomes.
 
-Everything that needs judgement lives in ``decide``; this module only keeps the history the pure
-function needs, calls the host for the decisions it returns (when enforcing), and exports what
-happened. It is called after every poll cycle and on every job end, so it does no I/O of its
-own besides the injected space estimator and the host calls.
+It keeps the history the pure function needs, makes the host calls of its decisions (when
+enforcing) and exports what happened. Its only I/O is the injected space estimator and the host.
 """
 
 from __future__ import annotations
@@ -18,9 +16,10 @@ from typing import Callable, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from exporter.durations import format_duration
 from exporter.model import DiskKey, Snapshot
 
-from .config import Policy, PolicyError, format_duration, load_policy
+from .config import Policy, PolicyError, load_policy
 from .decide import DEFER_REASONS, Decision, DiskHistory, History, Matches, Plan, SpaceFn, evaluate, match_disks
 from .space import estimate_space
 
@@ -31,32 +30,21 @@ class PolicyHost(Protocol):
     """What the engine needs from ``LibvirtHost``; each call raises on failure."""
 
     def start_pull(self, domain: str, disk: str, bandwidth_bytes: int) -> None: ...
-
     def start_rebase(self, domain: str, disk: str, base_path: str, bandwidth_bytes: int) -> None: ...
-
     def abort_job(self, domain: str, disk: str) -> None: ...
-
     def fresh_snapshot(self) -> Snapshot: ...
 
 
 class PolicyEngine:
     """Runs one policy file against successive snapshots. Thread-safe.
 
-    ``evaluate_and_act`` calls are serialized so two concurrent triggers (poll cycle and job end)
-    can never both fill the same concurrency slot; ``on_outcome``, ``reload`` and
-    ``metric_families`` only take a short state lock and never wait for a libvirt call.
+    ``evaluate_and_act`` calls are serialized so two triggers (poll cycle, job end) never fill the
+    same concurrency slot; the other methods take a short state lock, never waiting on libvirt.
     """
 
-    def __init__(
-        self,
-        policy_path: str,
-        enforcing: bool,
-        host: PolicyHost | None,
-        clock: Callable[[], float] = time.time,
-        now: Callable[[], datetime] | None = None,
-        space: SpaceFn = estimate_space,
-        lost_after: float = 600.0,
-    ):
+    def __init__(self, policy_path: str, enforcing: bool, host: PolicyHost | None,
+                 clock: Callable[[], float] = time.time, now: Callable[[], datetime] | None = None,
+                 space: SpaceFn = estimate_space, lost_after: float = 600.0):
         if enforcing and host is None:
             raise ValueError("an enforcing policy engine needs a host")
         self._path = policy_path
@@ -73,33 +61,18 @@ class PolicyEngine:
         self._reload_ok = True
         self._reload_time = clock()
         self._history: dict[DiskKey, DiskHistory] = {}
-        self._started: dict[str, int] = {r: 0 for r in self._policy.rule_names}
-        self._errors: dict[str, int] = {r: 0 for r in self._policy.rule_names}
+        self._started: dict[str, int] = dict.fromkeys(self._policy.rule_names, 0)
+        self._errors: dict[str, int] = dict.fromkeys(self._policy.rule_names, 0)
         self._last_plan: Plan | None = None
         self._logged: dict[DiskKey, tuple] = {}
         self._match_cache: tuple[Policy, object, int, frozenset, Matches] | None = None
-        log.info(
-            "policy %s loaded (%d rules, %s)",
-            policy_path,
-            len(self._policy.rules),
-            "enforcing" if enforcing else "dry run",
-        )
-
-    # ----------------------------------------------------------------- read-only views
+        log.info("policy %s loaded (%d rules, %s)", policy_path, len(self._policy.rules),
+                 "enforcing" if enforcing else "dry run")
 
     @property
     def policy(self) -> Policy:
         with self._lock:
             return self._policy
-
-    @property
-    def enforcing(self) -> bool:
-        return self._enforcing
-
-    @property
-    def last_plan(self) -> Plan | None:
-        with self._lock:
-            return self._last_plan
 
     @property
     def last_reload_successful(self) -> bool:
@@ -110,19 +83,16 @@ class PolicyEngine:
         with self._lock:
             return History(MappingProxyType(dict(self._history)))
 
-    # ----------------------------------------------------------------- evaluation
-
     def evaluate_and_act(self, snapshot: Snapshot) -> Plan:
         with self._act_lock:
             plan, policy = self._evaluate(snapshot)
-            if self._enforcing and any(d.action == "start" for d in plan.decisions):
+            if self._enforcing and plan.starts:
                 # max_concurrent counts every job on the host: decide again on the jobs as they
                 # are now, not as the last poll saw them (someone may have started one since).
-                assert self._host is not None
                 snapshot = self._host.fresh_snapshot()
                 plan, policy = self._evaluate(snapshot)
             if self._enforcing:
-                plan = self._act(plan, snapshot, policy)
+                plan = replace(plan, decisions=tuple(self._act(d, snapshot, policy) for d in plan.decisions))
             with self._lock:
                 self._last_plan = plan
             self._log_changes(plan)
@@ -138,48 +108,38 @@ class PolicyEngine:
         return plan, policy
 
     def _matches(self, snapshot: Snapshot, policy: Policy) -> Matches:
-        # Matching depends only on the policy, the disks and the running domains. Snapshot
-        # mappings are immutable, so identity means same content; an equal non-zero version
-        # (it bumps on every change) means the same too.
+        # Matching depends only on the policy, the disks and the running domains. Snapshot mappings are
+        # immutable, so identity means same content; so does an equal non-zero version (bumped on change).
         c = self._match_cache
         if c is not None and c[0] is policy and c[3] == snapshot.running_domains and (
-            c[1] is snapshot.disks or (snapshot.version and c[2] == snapshot.version)
-        ):
+                c[1] is snapshot.disks or (snapshot.version and c[2] == snapshot.version)):
             return c[4]
         m = match_disks(snapshot, policy)
         self._match_cache = (policy, snapshot.disks, snapshot.version, snapshot.running_domains, m)
         return m
 
-    def _act(self, plan: Plan, snapshot: Snapshot, policy: Policy) -> Plan:
-        assert self._host is not None
-        decisions = list(plan.decisions)
-        for i, d in enumerate(decisions):
-            if d.action == "start":
-                decisions[i] = self._start(d, snapshot, policy)
-            elif d.action == "abort":
-                # Marked before the call: libvirt's abort is synchronous, so the "canceled" event
-                # can reach on_outcome before abort_job returns, and must not look like an
-                # operator's cancel (a failed attempt with backoff).
-                with self._lock:
-                    h = self._history.get(d.key)
-                    if h is not None and h.running:
-                        self._history[d.key] = replace(h, aborting=True)
-                log.info("policy: aborting pull on %s/%s (rule %s): window closed", d.domain, d.disk, d.rule)
-                try:
-                    self._host.abort_job(d.domain, d.disk)
-                except Exception as e:  # the host raises libvirtError and friends
-                    log.warning("policy: aborting pull on %s/%s failed: %s", d.domain, d.disk, e)
-                    decisions[i] = replace(d, error=str(e) or type(e).__name__)
-                    with self._lock:  # not aborting after all: the next evaluation tries again
-                        h = self._history.get(d.key)
-                        if h is not None and h.aborting:
-                            self._history[d.key] = replace(h, aborting=False)
-                else:
-                    log.info("policy: aborted pull on %s/%s (rule %s): window closed", d.domain, d.disk, d.rule)
-        return replace(plan, decisions=tuple(decisions))
+    def _act(self, d: Decision, snapshot: Snapshot, policy: Policy) -> Decision:
+        """Make the host call a decision asks for; the decision, with the error if the call failed."""
+        if d.action == "abort":
+            return self._abort(d)
+        return self._start(d, snapshot, policy) if d.action == "start" else d
+
+    def _abort(self, d: Decision) -> Decision:
+        # Marked before the call: libvirt's abort is synchronous, so the "canceled" event can reach
+        # on_outcome before abort_job returns, and must not look like an operator's cancel (a
+        # failed attempt with backoff).
+        self._set_aborting(d.key, True)
+        log.info("policy: aborting pull on %s/%s (rule %s): window closed", d.domain, d.disk, d.rule)
+        try:
+            self._host.abort_job(d.domain, d.disk)
+        except Exception as e:  # the host raises libvirtError and friends
+            log.warning("policy: aborting pull on %s/%s failed: %s", d.domain, d.disk, e)
+            self._set_aborting(d.key, False)  # the next evaluation tries again
+            return replace(d, error=str(e) or type(e).__name__)
+        log.info("policy: aborted pull on %s/%s (rule %s): window closed", d.domain, d.disk, d.rule)
+        return d
 
     def _start(self, d: Decision, snapshot: Snapshot, policy: Policy) -> Decision:
-        assert self._host is not None
         started = self._clock()
         try:
             if d.base_path:
@@ -194,104 +154,76 @@ class PolicyEngine:
                 prev = self._history.get(d.key) or DiskHistory(rule=d.rule)
                 self._record_failure(d.key, replace(prev, rule=d.rule), self._clock(), error, policy)
             return replace(d, error=error)
+        what = f"pull down to {d.base_path}" if d.base_path else "pull"
+        log.info("policy: started %s on %s/%s (rule %s, bandwidth %s): %s", what, d.domain, d.disk, d.rule,
+                 d.bandwidth_bytes or "unlimited", d.match_reason)
         disk = snapshot.disks.get(d.key)
-        log.info(
-            "policy: started %s on %s/%s (rule %s, bandwidth %s): %s",
-            f"pull down to {d.base_path}" if d.base_path else "pull",
-            d.domain,
-            d.disk,
-            d.rule,
-            d.bandwidth_bytes or "unlimited",
-            d.match_reason,
-        )
         with self._lock:
             self._started[d.rule] = self._started.get(d.rule, 0) + 1
             prev = self._history.get(d.key) or DiskHistory(rule=d.rule)
-            self._history[d.key] = replace(
-                prev,
-                rule=d.rule,
-                running_since=started,
-                aborting=False,
-                started_chain=disk.backing_chain if disk else None,
-            )
+            self._history[d.key] = replace(prev, rule=d.rule, running_since=started, aborting=False,
+                                           started_chain=disk.backing_chain if disk else None)
         return d
 
-    # ----------------------------------------------------------------- outcomes
+    def _set_aborting(self, key: DiskKey, aborting: bool) -> None:
+        with self._lock:
+            h = self._history.get(key)
+            if h is not None and h.running:
+                self._history[key] = replace(h, aborting=aborting)
 
     def on_outcome(self, domain: str, disk: str, job_type: str, outcome: str, wall: float) -> None:
         """A block job ended; only pulls this engine started (and still waits for) are affected."""
+        key = (domain, disk)
         with self._lock:
-            self._apply_outcome((domain, disk), job_type, outcome, wall, self._policy)
+            h = self._history.get(key)
+            if h is None or h.running_since is None or job_type not in ("pull", "unknown") or wall < h.running_since:
+                return  # not our pull, or a job that ended before ours started
+            if outcome == "completed":
+                log.info("policy: pull on %s/%s (rule %s) completed", domain, disk, h.rule)
+                self._history[key] = replace(h, running_since=None, aborting=False, failures=0, last_error="",
+                                             last_failure_wall=None, completed_chain=h.started_chain)
+            elif outcome == "canceled" and h.aborting:
+                self._history[key] = replace(h, running_since=None, aborting=False)
+            elif outcome == "canceled":
+                # Someone canceled our pull: back off like a failure instead of fighting them.
+                log.warning("policy: pull on %s/%s (rule %s) was canceled by someone else", domain, disk, h.rule)
+                self._record_failure(key, h, wall, "canceled by someone else", self._policy)
+            else:
+                log.warning("policy: pull on %s/%s (rule %s) failed", domain, disk, h.rule)
+                self._errors[h.rule] = self._errors.get(h.rule, 0) + 1
+                self._record_failure(key, h, wall, "job failed", self._policy)
 
     def _reconcile(self, snapshot: Snapshot, policy: Policy) -> None:
-        """Forget what no longer matters, and give up on a pull that vanished without an outcome."""
-        # Forget disks that are gone and owe us nothing (no running pull, no failures to remember).
+        """Forget disks that are gone and owe us nothing; give up on a pull that vanished without an outcome."""
         for key in [k for k, h in self._history.items() if snapshot.connected
                     and k not in snapshot.disks and not h.running and not h.failures]:
             del self._history[key]
         if not snapshot.taken_wall:
             return
-        for key, h in list(self._history.items()):
-            if h.running_since is None or key in snapshot.jobs:
-                continue
-            if snapshot.taken_wall - h.running_since > self._lost_after:
-                if h.aborting:
-                    self._history[key] = replace(h, running_since=None, aborting=False)
-                    continue
-                log.warning(
-                    "policy: pull on %s/%s (rule %s) is gone without a reported outcome; counting it as failed",
-                    key[0], key[1], h.rule,
-                )
+        lost = [(k, h) for k, h in self._history.items() if h.running_since is not None and k not in snapshot.jobs
+                and snapshot.taken_wall - h.running_since > self._lost_after]
+        for key, h in lost:
+            if h.aborting:
+                self._history[key] = replace(h, running_since=None, aborting=False)
+            else:
+                log.warning("policy: pull on %s/%s (rule %s) is gone without a reported outcome; counting it as "
+                            "failed", key[0], key[1], h.rule)
                 self._record_failure(key, h, snapshot.taken_wall, "job vanished without an outcome", policy)
-
-    def _apply_outcome(self, key: DiskKey, job_type: str, outcome: str, wall: float, policy: Policy) -> None:
-        h = self._history.get(key)
-        if h is None or h.running_since is None or job_type not in ("pull", "unknown"):
-            return
-        if wall < h.running_since:
-            return  # a job that ended before ours started
-        if outcome == "completed":
-            log.info("policy: pull on %s/%s (rule %s) completed", key[0], key[1], h.rule)
-            self._history[key] = replace(
-                h, running_since=None, aborting=False, failures=0, last_error="",
-                last_failure_wall=None, completed_chain=h.started_chain,
-            )
-        elif outcome == "canceled" and h.aborting:
-            self._history[key] = replace(h, running_since=None, aborting=False)
-        elif outcome == "canceled":
-            # Someone canceled our pull: back off like a failure instead of fighting them.
-            log.warning("policy: pull on %s/%s (rule %s) was canceled by someone else", key[0], key[1], h.rule)
-            self._record_failure(key, h, wall, "canceled by someone else", policy)
-        else:
-            log.warning("policy: pull on %s/%s (rule %s) failed", key[0], key[1], h.rule)
-            self._errors[h.rule] = self._errors.get(h.rule, 0) + 1
-            self._record_failure(key, h, wall, "job failed", policy)
 
     def _record_failure(self, key: DiskKey, h: DiskHistory, wall: float, error: str, policy: Policy) -> None:
         failures = h.failures + 1
-        self._history[key] = replace(
-            h, running_since=None, aborting=False, failures=failures, last_failure_wall=wall, last_error=error
-        )
+        self._history[key] = replace(h, running_since=None, aborting=False, failures=failures,
+                                     last_failure_wall=wall, last_error=error)
         limits = policy.limits
         if failures >= limits.max_attempts:
-            log.error(
-                "policy: giving up on %s/%s (rule %s) after %d failed attempts (max_attempts %d); "
-                "restart the exporter to try again",
-                key[0], key[1], h.rule, failures, limits.max_attempts,
-            )
+            log.error("policy: giving up on %s/%s (rule %s) after %d failed attempts (max_attempts %d); "
+                      "restart the exporter to try again", key[0], key[1], h.rule, failures, limits.max_attempts)
         else:
-            log.info(
-                "policy: %s/%s attempt %d of %d failed; next try not before %s from now",
-                key[0], key[1], failures, limits.max_attempts, format_duration(limits.retry_after),
-            )
-
-    # ----------------------------------------------------------------- reload
+            log.info("policy: %s/%s attempt %d of %d failed; next try not before %s from now",
+                     key[0], key[1], failures, limits.max_attempts, format_duration(limits.retry_after))
 
     def reload(self) -> bool:
-        """Re-read the policy file (SIGHUP). Any failure keeps the old policy and reports 0.
-
-        Whatever goes wrong, the reload thread must not die with last_reload_successful at 1.
-        """
+        """Re-read the policy file (SIGHUP). Any failure, even unforeseen, keeps the old policy and reports 0."""
         try:
             new = load_policy(self._path)
         except Exception as e:  # PolicyError, and anything the loader failed to foresee
@@ -311,56 +243,38 @@ class PolicyEngine:
         log.info("policy %s reloaded (%d rules)", self._path, len(new.rules))
         return True
 
-    # ----------------------------------------------------------------- metrics
-
     def metric_families(self) -> list:
         with self._lock:
-            policy = self._policy
-            plan = self._last_plan
-            started = dict(self._started)
-            errors = dict(self._errors)
-            reload_ok = self._reload_ok
-            reload_time = self._reload_time
-        enforcing = GaugeMetricFamily(
-            "libvirt_blockjob_policy_enforcing", "1 with --policy.enforce, 0 in dry run"
-        )
-        enforcing.add_metric([], 1.0 if self._enforcing else 0.0)
-        candidates = GaugeMetricFamily(
-            "libvirt_blockjob_policy_candidates", "Disks matching the rule now", labels=["rule"]
-        )
-        deferred = GaugeMetricFamily(
-            "libvirt_blockjob_policy_deferred",
-            "Candidates not started now, by reason",
-            labels=["rule", "reason"],
-        )
+            policy, plan = self._policy, self._last_plan
+            started, errors = dict(self._started), dict(self._errors)
+            reload_ok, reload_time = self._reload_ok, self._reload_time
+        candidates = GaugeMetricFamily("libvirt_blockjob_policy_candidates", "Disks matching the rule now",
+                                       labels=["rule"])
+        deferred = GaugeMetricFamily("libvirt_blockjob_policy_deferred", "Candidates not started now, by reason",
+                                     labels=["rule", "reason"])
         for rule in policy.rule_names:
             candidates.add_metric([rule], float(plan.candidates.get(rule, 0) if plan else 0))
             for reason in DEFER_REASONS:
                 deferred.add_metric([rule, reason], float(plan.deferred.get((rule, reason), 0) if plan else 0))
-        started_f = CounterMetricFamily(
-            "libvirt_blockjob_policy_started", "Pulls the policy started", labels=["rule"]
-        )
-        for rule in sorted(started):
-            started_f.add_metric([rule], float(started[rule]))
-        errors_f = CounterMetricFamily(
-            "libvirt_blockjob_policy_errors",
-            "Pulls the policy failed to start or that failed",
-            labels=["rule"],
-        )
-        for rule in sorted(errors):
-            errors_f.add_metric([rule], float(errors[rule]))
-        ok = GaugeMetricFamily(
-            "libvirt_blockjob_policy_last_reload_successful", "1 if the last policy (re)load succeeded"
-        )
-        ok.add_metric([], 1.0 if reload_ok else 0.0)
-        ts = GaugeMetricFamily(
-            "libvirt_blockjob_policy_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful policy (re)load",
-        )
-        ts.add_metric([], reload_time)
-        return [enforcing, candidates, deferred, started_f, errors_f, ok, ts]
-
-    # ----------------------------------------------------------------- logging
+        counters = [
+            CounterMetricFamily("libvirt_blockjob_policy_started", "Pulls the policy started", labels=["rule"]),
+            CounterMetricFamily("libvirt_blockjob_policy_errors", "Pulls the policy failed to start or that failed",
+                                labels=["rule"]),
+        ]
+        for family, counts in zip(counters, (started, errors)):
+            for rule in sorted(counts):
+                family.add_metric([rule], float(counts[rule]))
+        return [
+            GaugeMetricFamily("libvirt_blockjob_policy_enforcing", "1 with --policy.enforce, 0 in dry run",
+                              value=1.0 if self._enforcing else 0.0),
+            candidates,
+            deferred,
+            *counters,
+            GaugeMetricFamily("libvirt_blockjob_policy_last_reload_successful",
+                              "1 if the last policy (re)load succeeded", value=1.0 if reload_ok else 0.0),
+            GaugeMetricFamily("libvirt_blockjob_policy_last_reload_success_timestamp_seconds",
+                              "Unix time of the last successful policy (re)load", value=reload_time),
+        ]
 
     def _log_changes(self, plan: Plan) -> None:
         """Log a disk's decision when it changes, not on every evaluation."""
@@ -378,34 +292,17 @@ class PolicyEngine:
         self._logged = current
 
 
-# --------------------------------------------------------------------------- plan table
-
-
-def _decision_text(d: Decision) -> str:
-    if d.would:
-        return f"would {d.would}"
-    if d.error:
-        return f"{d.action} FAILED"
-    return d.action
-
 
 def _shown(text: str) -> str:
-    """``text`` with every non-printable character escaped as in a Python literal.
-
-    Domain, disk and image names come from whoever created the domain: a newline or a terminal
-    escape in one must not forge rows of the table or rewrite the operator's terminal.
-    """
+    """``text`` with non-printables escaped as in a Python literal: names come from whoever made the
+    domain, and a newline or terminal escape in one must not forge rows or rewrite the terminal."""
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    rows = [tuple(_shown(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    out = []
-    for r in [header, *rows]:
-        cells = [c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]
-        out.append("  ".join(cells).rstrip())
-    return out
+    rows = [header, *(tuple(_shown(c) for c in r) for r in rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows]
 
 
 def format_plan_table(plan: Plan) -> str:
@@ -417,26 +314,15 @@ def format_plan_table(plan: Plan) -> str:
         f"{plan.active_jobs} active job{'s' if plan.active_jobs != 1 else ''}, max_concurrent {plan.max_concurrent})"
     ]
     if not plan.connected:
-        lines.append("Not connected to libvirt: no decisions.")
-        return "\n".join(lines) + "\n"
-    if plan.decisions:
-        rows = []
-        for d in plan.decisions:
-            detail = d.detail + (f"; error: {d.error}" if d.error else "")
-            rows.append((d.domain, d.disk, d.rule, _decision_text(d), d.reason, detail))
-        table = _table(("DOMAIN", "DISK", "RULE", "DECISION", "REASON", "DETAIL"), rows)
-        lines.append(table[0])
-        # The match reason can be long (paths); it goes on its own line under each row.
-        for row, d in zip(table[1:], plan.decisions):
-            lines.append(row)
-            lines.append(f"    matched: {_shown(d.match_reason)}")
-    else:
-        lines.append("No disk matches any rule.")
+        return "\n".join([*lines, "Not connected to libvirt: no decisions."]) + "\n"
+    rows = [(d.domain, d.disk, d.rule, f"would {d.would}" if d.would else f"{d.action} FAILED" if d.error else d.action,
+             d.reason, d.detail + (f"; error: {d.error}" if d.error else "")) for d in plan.decisions]
+    table = _table(("DOMAIN", "DISK", "RULE", "DECISION", "REASON", "DETAIL"), rows)
+    lines.append(table[0] if rows else "No disk matches any rule.")
+    for row, d in zip(table[1:], plan.decisions):
+        lines += [row, f"    matched: {_shown(d.match_reason)}"]  # match reasons (paths) can be long
     if plan.unmatched:
-        lines.append("")
-        lines.append("Disks selected by a rule's globs whose conditions did not hold:")
-        lines += _table(
-            ("DOMAIN", "DISK", "RULE", "WHY NOT"),
-            [(n.domain, n.disk, n.rule, n.reason) for n in plan.unmatched],
-        )
+        lines += ["", "Disks selected by a rule's globs whose conditions did not hold:"]
+        rows = [(n.domain, n.disk, n.rule, n.reason) for n in plan.unmatched]
+        lines += _table(("DOMAIN", "DISK", "RULE", "WHY NOT"), rows)
     return "\n".join(lines) + "\n"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 
 from exporter.model import DiskInfo
 
@@ -27,41 +26,32 @@ def qcow2_virtual_size(path: str) -> int | None:
         return None
     if len(header) < 32 or header[:4] != _QCOW2_MAGIC:
         return None
-    return struct.unpack(">Q", header[24:32])[0]
+    return int.from_bytes(header[24:32], "big")
 
 
 def estimate_space(disk: DiskInfo, base_path: str | None) -> DiskSpace | None:
     """An upper bound of the bytes a pull copies into the overlay, and the room it has.
 
-    The bound is the sum of the allocated blocks (``st_blocks * 512``) of every layer the pull
-    reads (for ``keep_base`` only the layers above the base), capped at the overlay's virtual size.
-    None (the policy then defers with reason ``space``) when any layer is not a regular file we
-    can stat: a block device or network source gives no usable figure, and guessing low could
-    fill the overlay's filesystem.
+    The bound sums the allocated blocks of the layers the pull reads (above ``keep_base``), capped
+    at the overlay's virtual size. None (the policy defers, reason ``space``) unless every layer is
+    a regular file we can stat: guessing low for a device or network source could fill the overlay's
+    filesystem.
     """
-    if not disk.source:
-        return None
-    chain = disk.backing_chain
+    paths = [layer.path for layer in disk.backing_chain]
     if base_path is not None:
-        index = next((i for i, b in enumerate(chain) if b.path == base_path), None)
-        if index is None:
+        if base_path not in paths:
             return None
-        chain = chain[:index]
+        paths = paths[:paths.index(base_path)]  # the layers above the base
+    if not disk.source or not all(paths):
+        return None  # a network source or layer
     try:
-        total = 0
-        for layer in chain:
-            if not layer.path:
-                return None
-            st = os.stat(layer.path)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            total += st.st_blocks * 512
-        st = os.stat(disk.source)
-        if not stat.S_ISREG(st.st_mode):
-            return None
+        stats = [os.stat(p) for p in [*paths, disk.source]]
         vfs = os.statvfs(os.path.dirname(os.path.abspath(disk.source)))
     except OSError:
         return None
+    if not all(stat.S_ISREG(st.st_mode) for st in stats):
+        return None
+    total = sum(st.st_blocks * 512 for st in stats[:-1])
     virtual = qcow2_virtual_size(disk.source)
     if virtual is not None:
         total = min(total, virtual)
