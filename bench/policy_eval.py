@@ -1,4 +1,4 @@
-"""Evaluation cost benchmark: ``python -m exporter.policy.bench [DISKS]``.
+"""Evaluation cost benchmark: ``python -m bench.policy_eval [DISKS]``.
 
 The engine runs after every poll cycle and on every job end, so evaluation must stay cheap on a
 busy host. This prints figures instead of asserting a time (timed tests are flaky).
@@ -13,8 +13,8 @@ from types import MappingProxyType
 
 from exporter.model import ActiveJob, BackingImage, DiskInfo, Snapshot
 
-from .config import parse_policy
-from .decide import DiskSpace, History, evaluate, match_disks
+from exporter.policy.config import parse_policy
+from exporter.policy.decide import DiskSpace, History, evaluate, match_disks
 
 POLICY = """\
 rules:
