@@ -42,6 +42,7 @@ _LIFECYCLE = {
 }
 _STOPPED_BY_FAILURE = (libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED, libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED)
 
+
 def silence_libvirt_stderr(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; we log the ones we care about instead."""
 
@@ -50,12 +51,10 @@ class EventLoop:
     """libvirt's default event loop on its own thread, which a poll cycle can hold still.
 
     While the loop thread waits in ``poll()``, every RPC that another thread makes wakes it two or
-    three times: libvirt switches the connection's watch off and on around each call and re-arms
-    the keepalive timer on every reply. At 200 disks a second that was 1.2 % of a core spent on
-    nothing (bench: 2.85 % for a bare ``blockJobInfo`` loop beside a running loop, 1.67 % with the
-    loop held). libvirt only interrupts a loop that is inside an iteration, so a poll cycle parks
-    the loop thread between iterations; events that arrive meanwhile wait in libvirt's queue and
-    are delivered as soon as the cycle ends (a delay of at most one cycle, ~0.1 s at 200 disks).
+    three times (libvirt switches the connection's watch off and on around each call and re-arms
+    the keepalive timer on every reply): CPU spent on nothing, per call. libvirt only interrupts a
+    loop that is inside an iteration, so a poll cycle parks the loop thread between iterations;
+    events that arrive meanwhile wait in libvirt's queue and are delivered when the cycle ends.
     """
 
     _PARK_WAIT = 0.05  # a loop busy in a callback parks right after it; never wait longer
@@ -155,8 +154,6 @@ def ensure_event_loop() -> EventLoop:
 def instance_of(dom: libvirt.virDomain) -> DomainInstance:
     # Both are kept in the handle (no RPC): libvirt sends name, UUID and id with every domain.
     return DomainInstance(dom.UUIDString(), dom.ID())
-
-
 
 
 class EventCallbacks:
