@@ -3,7 +3,13 @@
 # and a virtualenv first (idempotent). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-host.sh --with-prometheus
+setup_args=(--with-prometheus --with-systemd)
+if [ "${LBJE_SKIP_CONTAINER:-}" = 1 ]; then
+  echo "test.sh: LBJE_SKIP_CONTAINER=1: the container image is neither built nor run (tests/test_container.py skips)" >&2
+else
+  setup_args+=(--with-podman)
+fi
+bash scripts/setup-host.sh "${setup_args[@]}"
 source scripts/venv.sh test
 # Tests that need the real stack must fail, not skip, when it is missing.
 export LBJE_REQUIRE_LIBVIRT=1 LBJE_REQUIRE_TOOLS=1
