@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="libvirt-blockjob-exporter",
         description="Prometheus exporter for libvirt block jobs (pull, copy, commit, backup).",
-        epilog="Subcommands: 'policy check FILE' validates a policy file; "
+        epilog="Subcommands (each with --help): 'status' shows the active block jobs with progress, rate and ETA; "
+               "'policy check FILE' validates a policy file; "
                "'policy plan --policy.file FILE [--libvirt.uri URI]' shows what the policy would do now.",
     )
     parser.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag,
@@ -139,16 +140,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alertmanager.resolve-after", dest="alertmanager_resolve_after", default=300.0,
                         type=_duration_flag(1.0, 7 * 86400),
                         help="direct alerts resolve themselves after this (default 5m)")
-    parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS)
-    parser.add_argument("--log.format", dest="log_format", default="text", choices=("text", "json"))
-    parser.add_argument("--version", action="version", version=f"libvirt-blockjob-exporter {__version__}")
+    parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS,
+                        help=f"log messages at this level and above: {', '.join(LEVELS)} (default info)")
+    parser.add_argument("--log.format", dest="log_format", default="text", choices=("text", "json"),
+                        help="log as text or as one JSON object a line (default text)")
+    parser.add_argument("--version", action="version", version=f"libvirt-blockjob-exporter {__version__}",
+                        help="print the version and exit")
     return parser
+
+
+@_bounded
+def _user_flag(text: str) -> str:
+    if ":" in text:
+        raise ValueError("a basic auth username cannot hold ':'")
+    return text
+
+
+def build_status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="libvirt-blockjob-exporter status",
+        description="Show the active block jobs with progress bars, rate and ETA, read from libvirt (read-only: "
+                    "XMLDesc and blockJobInfo, read twice a poll interval apart for the rates) or from a running "
+                    "exporter's status.json. Exit 0, or 1 when the source cannot be read.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag,
+                        help=f"read this libvirt URI over a read-only connection (default {DEFAULT_URI})")
+    source.add_argument("--exporter.url", dest="exporter_url", default=None, type=_url_flag,
+                        help="read a running exporter instead, e.g. https://host:9478/ (its status.json)")
+    parser.add_argument("--exporter.username", dest="exporter_username", default=None, type=_user_flag,
+                        help="basic auth username for --exporter.url")
+    parser.add_argument("--exporter.password-file", dest="exporter_password_file", default=None, type=_path_flag,
+                        help="file holding the basic auth password for --exporter.url (not a flag: flags are "
+                             "visible to every user)")
+    parser.add_argument("--exporter.ca-file", dest="exporter_ca_file", default=None, type=_path_flag,
+                        help="CA certificate(s) to verify an https --exporter.url with, besides the system's")
+    parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.1, 3600),
+                        help="time between the two libvirt reads a rate needs, and between refreshes with --watch; "
+                             "0.1s to 1h (default 1s)")
+    parser.add_argument("--watch", action="store_true", help="refresh in place until interrupted (Ctrl-C)")
+    parser.add_argument("--output", dest="output", default="table", choices=("table", "json"),
+                        help="a table for people, or the status document as JSON for scripts, one a line with "
+                             "--watch (default table)")
+    return parser
+
+
+def status_main(argv: Sequence[str]) -> int:
+    parser = build_status_parser()
+    args = parser.parse_args(list(argv))
+    if args.exporter_url is None and (args.exporter_username or args.exporter_password_file or args.exporter_ca_file):
+        parser.error("--exporter.username, --exporter.password-file and --exporter.ca-file need --exporter.url")
+    if (args.exporter_username is None) != (args.exporter_password_file is None):
+        parser.error("--exporter.username and --exporter.password-file go together")
+    from .status_cli import run_status
+
+    return run_status(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "policy":
         return policy_main(argv[1:])
+    if argv and argv[0] == "status":
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.policy_enforce and not args.policy_file:
         build_parser().error("--policy.enforce needs --policy.file")
@@ -162,6 +215,7 @@ def run_exporter(args: argparse.Namespace) -> int:
     from .selfstats import SelfStats
     from .state import State
     from .statefile import JobsFile
+    from .status import StatusSource
     from .web import WebServer
     from .webconfig import WebConfigError, load_web_config
 
@@ -212,9 +266,11 @@ def run_exporter(args: argparse.Namespace) -> int:
     if notifier is not None:
         collector.add_extra("alertmanager", notifier.metric_families)
 
+    status = StatusSource(state, stats, uri=args.uri, read_only=not args.policy_enforce,
+                          poll_interval=args.poll_interval, version=__version__, policy=engine)
     try:
         server = WebServer(args.listen_address, args.telemetry_path, collector.exposition,
-                           web_config=web_config, version=__version__)
+                           web_config=web_config, version=__version__, status=status.json)
         server.start()
     except (OSError, ValueError, WebConfigError) as err:
         print(str(err), file=sys.stderr)
@@ -278,15 +334,25 @@ def _wait_for_signals(stop: threading.Event) -> None:
         writer.close()
 
 
-def policy_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="libvirt-blockjob-exporter policy")
+def build_policy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="libvirt-blockjob-exporter policy",
+                                     description="Check a policy file, or show what it would do on this host now.")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate a policy file; exit 0 if valid, 1 with every error")
-    check.add_argument("file", type=_path_flag)
-    plan = sub.add_parser("plan", help="what the policy would decide now on this host")
-    plan.add_argument("--policy.file", dest="policy_file", required=True, type=_path_flag)
-    plan.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag)
-    args = parser.parse_args(list(argv))
+    check = sub.add_parser("check", help="validate a policy file; exit 0 if valid, 1 with every error",
+                           description="Validate a policy file: exit 0 if valid, 1 with every problem and its line.")
+    check.add_argument("file", type=_path_flag, help="the policy file (YAML)")
+    plan = sub.add_parser("plan", help="what the policy would decide now on this host",
+                          description="Print what the policy would decide now on this host, as a dry run with "
+                                      "no history; never starts anything.")
+    plan.add_argument("--policy.file", dest="policy_file", required=True, type=_path_flag,
+                      help="the policy file (YAML); required")
+    plan.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag,
+                      help=f"read this libvirt URI over a read-only connection (default {DEFAULT_URI})")
+    return parser
+
+
+def policy_main(argv: Sequence[str]) -> int:
+    args = build_policy_parser().parse_args(list(argv))
     from .policy.commands import policy_check, policy_plan
 
     return policy_check(args.file) if args.command == "check" else policy_plan(args.policy_file, args.uri)

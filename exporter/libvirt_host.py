@@ -33,9 +33,9 @@ import math
 import queue
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import libvirt
 
@@ -533,15 +533,28 @@ class LibvirtHost:
         self._post(lambda: self._state.apply_polls(answers), wait=True)
 
 
-def read_once(uri: str, state: State) -> None:
-    """Fill ``state`` with the domains, disks and jobs of ``uri`` once, read-only and without
-    events: what ``policy plan`` decides on."""
+@contextmanager
+def reading(uri: str, state: State) -> Iterator[Callable[[], None]]:
+    """A read-only connection to ``uri`` without events; each call of the function it yields fills
+    ``state`` with the running domains, their disks and jobs as they are now (``XMLDesc`` and
+    ``blockJobInfo``, as the poller reads them): what ``policy plan`` and ``status`` show."""
     libvirt.registerErrorHandler(silence_libvirt_stderr, None)
     host = LibvirtHost(uri, state, SelfStats(), events=False)
     if not host._connection.open():
         raise ConnectionError(f"cannot connect to {uri}")
-    try:
+
+    def read() -> None:
         host._resync()
+        state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
+
+    try:
+        yield read
     finally:
         host._disconnect()
+
+
+def read_once(uri: str, state: State) -> None:
+    """``state`` as ``reading`` fills it once; it still says connected: it is a view of the host."""
+    with reading(uri, state) as read:
+        read()
     state.apply(ConnectionEvent(True, time.monotonic(), time.time()))

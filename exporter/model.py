@@ -77,6 +77,9 @@ class ActiveJob:
     start_time: float  # Unix time the exporter first saw the job
     cursor_changed_time: float  # Unix time cur last moved (start_time until it does)
     instance: DomainInstance | None = None  # the run of the domain the job belongs to
+    # Bytes per second, smoothed over the cursor's recent moves (State._update_job); None until
+    # the cursor has moved once since the job was first seen.
+    rate: float | None = None
 
     @property
     def key(self) -> DiskKey:
@@ -156,3 +159,4 @@ class Snapshot:
     tracked_domains: int = 0  # domains with series: running, or gone within the retention
     tracked_disks: int = 0  # disks with series
     unresponsive_domains: frozenset[str] = frozenset()  # whose blockJobInfo has not answered
+    recent_outcomes: tuple[OutcomeRecord, ...] = ()  # the last few counted, newest first

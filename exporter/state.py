@@ -28,8 +28,10 @@ run of it. The rules:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
@@ -53,6 +55,10 @@ log = logging.getLogger(__name__)
 
 _ENDED_KEPT_SECONDS = 300.0  # an in-flight poll answer is never older than this
 _STOPPED_RUNS_KEPT = 4096
+RECENT_OUTCOMES = 50  # outcome records kept for the status page and CLI
+# A job's rate follows its cursor with this time constant: long enough to smooth QEMU's chunked
+# progress seen through a fast poll, short enough that a new bandwidth cap shows within seconds.
+RATE_SMOOTHING_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,21 @@ def infer_outcome(job: ActiveJob, tracked: TrackedJob | None, disk_now: DiskInfo
     return "failed"
 
 
+def _rate(job: ActiveJob, cur: int, now: float) -> float | None:
+    """The job's rate after its cursor moved to ``cur`` at ``now``: the bytes since the last move
+    over the time since it, averaged with the rate before by how long that took (a move after a
+    long stall weighs fully). A cursor that went back is a new measurement (None)."""
+    elapsed = now - job.cursor_changed_time
+    if cur < job.cur:
+        return None
+    if elapsed <= 0:
+        return job.rate
+    latest = (cur - job.cur) / elapsed
+    if job.rate is None:
+        return latest
+    return job.rate + (latest - job.rate) * (1.0 - math.exp(-elapsed / RATE_SMOOTHING_SECONDS))
+
+
 class State:
     def __init__(self, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
@@ -141,6 +162,7 @@ class State:
         self._settling: dict[DiskKey, _Settling] = {}
         self._outcomes: dict[tuple[str, str, str, str], int] = {}
         self._inferred: dict[tuple[str, str, str, str], int] = {}
+        self._recent: deque[OutcomeRecord] = deque(maxlen=RECENT_OUTCOMES)
         self._version = 0
         self._jobs_generation = 0  # bumps when a job starts or ends (not when it moves)
         self._last_prune = 0.0
@@ -160,7 +182,8 @@ class State:
                     inferred_outcomes=MappingProxyType(dict(self._inferred)), running_domains=frozenset(self._running),
                     version=self._version, taken_wall=self._clock(),
                     tracked_domains=len(self._running.union(k[0] for k in series_disks)),
-                    tracked_disks=len(series_disks), unresponsive_domains=self._unresponsive)
+                    tracked_disks=len(series_disks), unresponsive_domains=self._unresponsive,
+                    recent_outcomes=tuple(reversed(self._recent)))
             return self._snapshot
 
     def job_cursor_times(self) -> dict[DiskKey, float]:
@@ -359,9 +382,11 @@ class State:
         if (info.cur == job.cur and info.end == job.end and info.bandwidth == job.bandwidth
                 and (job.ready or not info.ready)):
             return  # the usual case: nothing to record
+        moved = info.cur != job.cur
         self._jobs[key] = replace(job, cur=info.cur, end=info.end, bandwidth=info.bandwidth,
                                   ready=job.ready or info.ready,
-                                  cursor_changed_time=now if info.cur != job.cur else job.cursor_changed_time)
+                                  cursor_changed_time=now if moved else job.cursor_changed_time,
+                                  rate=_rate(job, info.cur, now) if moved else job.rate)
         if info.ready and not job.ready:
             self._jobs_generation += 1
         self._changed()
@@ -438,6 +463,7 @@ class State:
             self._gone_since.setdefault(domain, self._monotonic())
         record = OutcomeRecord(domain=domain, disk=disk, job_type=job_type, outcome=outcome,
                                inferred=inferred, wall=self._clock())
+        self._recent.append(record)
         self._changed()
         return record
 

@@ -1,4 +1,4 @@
-"""The exporter's HTTP face: landing page, telemetry, health; GET and HEAD only, read-only by design.
+"""The exporter's HTTP face: status page, telemetry, health; GET and HEAD only, read-only by design.
 
 uvicorn's h11 protocol serves on one asyncio event loop in a thread of its own, so an idle or slow
 client costs a file descriptor, not a thread (README, "HTTP server"). What uvicorn and h11 leave
@@ -29,7 +29,6 @@ import functools
 import gzip
 import hashlib
 import hmac
-import html
 import logging
 import os
 import resource
@@ -49,6 +48,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from .status_page import CONTENT_SECURITY_POLICY, render_page
 from .webconfig import WebConfig, WebConfigError, build_ssl_context, client_cert_allowed, load_web_config
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 # 9100-9999 range is nearly full, so claim it there before a release).
 DEFAULT_LISTEN_ADDRESS = ":9478"
 HEALTH_PATH = "/-/healthy"
+STATUS_PATH = "/status.json"  # the status page's data (exporter.status); the page fetches it relative to /
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together
 HEADER_TIMEOUT_SECONDS = 10.0  # from connection open (or a kept-alive request's first byte) to a complete head
@@ -392,13 +393,15 @@ def _accepts_gzip(accept_encoding: str) -> bool:
 
 
 class WebServer:
-    """Serves ``/``, the telemetry path and ``/-/healthy``; see the module docstring."""
+    """Serves the status page at ``/`` and its data (``status``, a JSON body built from in-memory
+    snapshots, never from libvirt), the telemetry path and ``/-/healthy``; see the module docstring."""
 
     def __init__(self, listen_address: str, telemetry_path: str, exposition: Exposition,
                  web_config: WebConfig | None = None,
                  landing_title: str = "libvirt block job exporter",
                  landing_links: Sequence[tuple[str, str]] = (),
-                 version: str = "", max_connections: int = MAX_CONNECTIONS) -> None:
+                 version: str = "", max_connections: int = MAX_CONNECTIONS,
+                 status: Callable[[], bytes] | None = None) -> None:
         if not telemetry_path.startswith("/"):
             raise ValueError(f"telemetry path {telemetry_path!r} must start with '/'")
         self.listen_address = listen_address
@@ -406,6 +409,7 @@ class WebServer:
         self.telemetry_path = telemetry_path
         self.exposition = exposition
         self.landing_page = _landing_page(landing_title, version, telemetry_path, landing_links)
+        self.status = status
         self.settings = _Settings(web_config)
         self.max_connections = max_connections
         self.listener: _Listener | None = None
@@ -463,7 +467,17 @@ class WebServer:
                 more.append((b"content-encoding", b"gzip"))
             return await respond(200, body, content_type.encode("latin-1"), more)
         if path == "/":
-            return await respond(200, self.landing_page, b"text/html; charset=utf-8")
+            return await respond(200, self.landing_page, b"text/html; charset=utf-8",
+                                 [(b"content-security-policy", _PAGE_CSP)])
+        if path == STATUS_PATH and self.status is not None:
+            try:
+                body = self.status()
+            except Exception:
+                log.exception("building the status failed")
+                return await respond(500, b"An error has occurred while building the status; see the exporter's log.\n",
+                                     text)
+            return await respond(200, body, b"application/json",
+                                 [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")])
         if path == HEALTH_PATH:
             return await respond(200, b"OK", text)
         return await respond(404, b"404 page not found\n", text)
@@ -600,18 +614,13 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
+_PAGE_CSP = CONTENT_SECURITY_POLICY.encode("ascii")
+
+
 def _landing_page(title: str, version: str, telemetry_path: str,
                   links: Sequence[tuple[str, str]]) -> bytes:
-    e = html.escape
+    """The status page (``exporter.status_page``) with links to metrics, the status data and health."""
     items: dict[str, str] = {}
-    for href, text in [(telemetry_path, "Metrics"), *links, (HEALTH_PATH, "Health")]:
+    for href, text in [(telemetry_path, "Metrics"), *links, (STATUS_PATH, "Status (JSON)"), (HEALTH_PATH, "Health")]:
         items.setdefault(href, text)  # a caller's own link to /-/healthy is not doubled
-    lis = "\n".join(f'<li><a href="{e(h, quote=True)}">{e(t)}</a></li>' for h, t in items.items())
-    ver = f"<p>Version: {e(version)}</p>\n" if version else ""
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<title>{e(title)}</title>\n"
-        "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto;padding:0 1em}</style>\n"
-        f"</head>\n<body>\n<h1>{e(title)}</h1>\n{ver}<ul>\n{lis}\n</ul>\n</body>\n</html>\n"
-    )
-    return page.encode("utf-8")
+    return render_page(title, version, list(items.items()))

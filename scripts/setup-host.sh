@@ -3,12 +3,13 @@
 # or container. Idempotent: safe to run again; does nothing that is already done.
 set -euo pipefail
 
-WITH_PROMETHEUS=0 WITH_SYSTEMD=0 WITH_PODMAN=0
+WITH_PROMETHEUS=0 WITH_SYSTEMD=0 WITH_PODMAN=0 WITH_BROWSER=0
 for arg in "$@"; do
   case "$arg" in
     --with-prometheus) WITH_PROMETHEUS=1 ;;
     --with-systemd) WITH_SYSTEMD=1 ;;  # systemd-analyze, for tests/test_systemd_unit.py
     --with-podman) WITH_PODMAN=1 ;;    # rootful podman and debootstrap, for tests/test_container.py
+    --with-browser) WITH_BROWSER=1 ;;  # headless chromium + its driver, for tests/test_status_page.py
     *) echo "setup-host.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -28,6 +29,9 @@ if [ "$WITH_SYSTEMD" = 1 ]; then
 fi
 if [ "$WITH_PODMAN" = 1 ]; then
   need_pkgs+=(podman runc debootstrap)
+fi
+if [ "$WITH_BROWSER" = 1 ]; then
+  need_pkgs+=(chromium chromium-driver)
 fi
 
 missing=()

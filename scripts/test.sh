@@ -3,7 +3,7 @@
 # and a virtualenv first (idempotent). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-setup_args=(--with-prometheus --with-systemd)
+setup_args=(--with-prometheus --with-systemd --with-browser)
 if [ "${LBJE_SKIP_CONTAINER:-}" = 1 ]; then
   echo "test.sh: LBJE_SKIP_CONTAINER=1: the container image is neither built nor run (tests/test_container.py skips)" >&2
 else

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -45,12 +47,20 @@ class Metrics:
 
 
 class Exporter:
-    """``python -m exporter`` on a free loopback port, stopped with SIGTERM at the end."""
+    """``python -m exporter`` on a free loopback port, stopped with SIGTERM at the end.
+
+    With a ``--web.config.file`` that turns on TLS and/or basic auth, pass ``ca_file`` (the CA that
+    signed the server's certificate: the URL becomes https) and ``basic_auth`` (user, password) so
+    that this helper's own requests get through."""
 
     def __init__(self, *args: str, poll_interval: str = "0.2s", env: Mapping[str, str] | None = None,
-                 state_file: str | None = None) -> None:
+                 state_file: str | None = None, ca_file: str | os.PathLike | None = None,
+                 basic_auth: tuple[str, str] | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
+        self._tls = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        self._headers = {} if basic_auth is None else {
+            "Authorization": "Basic " + base64.b64encode(":".join(basic_auth).encode()).decode()}
         # Each exporter keeps its own state file (the default path is the host's), kept for a restart
         # with the same ``state_file``.
         self.state_dir = None if state_file else tempfile.mkdtemp(prefix="lbje-state-")
@@ -78,13 +88,16 @@ class Exporter:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
+    def _get(self, path: str, timeout: float) -> bytes:
+        request = urllib.request.Request(f"{self.url}{path}", headers=self._headers)
+        with urllib.request.urlopen(request, timeout=timeout, context=self._tls) as response:
+            return response.read()
+
     def scrape(self, timeout: float = 5.0) -> Metrics:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=timeout) as response:
-            return Metrics(response.read().decode())
+        return Metrics(self._get("/metrics", timeout).decode())
 
     def raw(self, path: str = "/metrics") -> bytes:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
-            return response.read()
+        return self._get(path, 5)
 
     def value(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         return self.scrape().get(name, labels)

@@ -515,16 +515,23 @@ class VMFactory:
         persistent: bool = False,
         start: bool = True,
         paused: bool = False,
+        name_tail: str = "",
     ) -> VM:
-        """Make the images and the domain ``lbje-test-<8 hex>-<label>``.
+        """Make the images and the domain ``lbje-test-<8 hex>-<label><name_tail>``.
+
+        ``name_tail`` goes into the domain name only, not into file names: characters a hostile
+        domain creator might choose (``<img src=x onerror=...>``; libvirt refuses only ``/``).
 
         ``vda`` gets a fresh chain (see ``make_chain``) unless ``chain`` (top-down) is given.
         ``extra_disks`` adds vdb, vdc, ...: an int is the depth of a fresh chain holding
         ``extra_data_mib`` MiB, a sequence is a ready chain. A transient domain is created
         running (or paused); a persistent one is defined and started unless ``start=False``.
         """
-        name = f"{NAME_PREFIX}{uuid.uuid4().hex[:8]}-{_check_label(label)}"
-        workdir = IMAGES_ROOT / name
+        if "/" in name_tail or "\0" in name_tail:
+            raise ValueError(f"libvirt refuses '/' and NUL in a domain name: {name_tail!r}")
+        stem = f"{NAME_PREFIX}{uuid.uuid4().hex[:8]}-{_check_label(label)}"
+        name = stem + name_tail
+        workdir = IMAGES_ROOT / stem
         self._owned.add_path(workdir)  # recorded first: cleaned even if mkdir half-fails
         workdir.mkdir(parents=True)
 
@@ -534,7 +541,7 @@ class VMFactory:
         else:
             disks["vda"] = make_chain(workdir, depth, data_mib, size_mib,
                                       active_dir=active_dir, base=base,
-                                      prefix="" if active_dir is None else f"{name}-")
+                                      prefix="" if active_dir is None else f"{stem}-")
             if active_dir is not None:  # the overlay lives outside workdir: ours to delete
                 self._owned.add_path(disks["vda"][0])
         for i, spec in enumerate(extra_disks, start=1):

@@ -79,6 +79,16 @@ class PolicyEngine:
         with self._lock:
             return self._reload_ok
 
+    @property
+    def enforcing(self) -> bool:
+        return self._enforcing
+
+    @property
+    def last_plan(self) -> Plan | None:
+        """What the last evaluation decided (None before the first): the status page shows it."""
+        with self._lock:
+            return self._last_plan
+
     def history(self) -> History:
         with self._lock:
             return History(MappingProxyType(dict(self._history)))
