@@ -193,6 +193,8 @@ def status_main(argv: Sequence[str]) -> int:
         parser.error("--exporter.username and --exporter.password-file go together")
     from .status_cli import run_status
 
+    # The connection's own retry warnings would say "(retrying)"; the command reports failures itself.
+    logging.getLogger("exporter").setLevel(logging.ERROR)
     return run_status(args)
 
 

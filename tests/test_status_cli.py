@@ -1,0 +1,220 @@
+"""``libvirt-blockjob-exporter status``: flags, rendering of hostile names, both sources (a running
+exporter through TLS and basic auth, and libvirt during a real pull), ``--watch`` and ``--output json``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import bcrypt
+import pytest
+
+import vmlib
+from certlib import make_cert
+from exporter.cli import build_status_parser, status_main
+from exporter.status_cli import SourceError, render, run_status
+from exporter.web import WebServer
+from exporter.webconfig import load_web_config
+from exporterlib import REPO
+
+MiB = 1024 * 1024
+NOW = 1_700_000_100.0
+
+
+def document(**jobs_kw) -> dict:
+    job = {"domain": "web-1", "disk": "vda", "type": "pull", "cur": 30 * MiB, "end": 100 * MiB, "percent": 30.0,
+           "bandwidth": 2 * MiB, "rate": 2 * MiB, "eta_seconds": 35.0, "started": NOW - 125, "cursor_moved": NOW,
+           "ready": False, "stalled": False} | jobs_kw
+    return {"version": "1", "now": NOW, "refresh_seconds": 1.0,
+            "connection": {"connected": True, "uri": "qemu:///system", "mode": "read-only", "domains": 3, "disks": 3,
+                           "unresponsive": [], "unresponsive_total": 0},
+            "jobs": {"total": 1, "shown": [job]},
+            "outcomes": {"recent": [{"domain": "db", "disk": "vdb", "type": "pull", "outcome": "failed",
+                                     "inferred": False, "time": NOW - 60}],
+                         "totals": {"completed": 0, "failed": 1, "canceled": 0}},
+            "chains": {"with_backing": 0, "deepest": []}, "policy": None, "exporter": None}
+
+
+def shown(doc: dict, width: int = 160) -> str:
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=width, highlight=False, color_system=None).print(render(doc, "test"))
+    return out.getvalue()
+
+
+def test_table_shows_bar_rate_eta_cap_and_since():
+    text = shown(document())
+    header, row = [line for line in text.splitlines() if "DOMAIN" in line or "web-1" in line]
+    assert header.split() == ["DOMAIN", "DISK", "TYPE", "PROGRESS", "%", "RATE", "ETA", "CAP", "SINCE"]
+    assert row.split()[:3] == ["web-1", "vda", "pull"]
+    assert "\u2501" in row  # rich's bar
+    assert row.split()[-8:] == ["30.0", "2.0", "MiB/s", "35s", "2.0", "MiB/s", "2m", "05s"]
+    assert "connected  read-only, 3 running domains, 1 active block jobs" in text
+    assert "last outcome: failed pull on db/vdb, 1m 00s ago" in text
+    assert "stalled" in shown(document(stalled=True, rate=0.0, eta_seconds=None))
+    assert "measuring" in shown(document(rate=None, eta_seconds=None))
+    assert "ready" in shown(document(ready=True, type="copy", eta_seconds=0.0))
+    assert "No active block jobs." in shown(document() | {"jobs": {"total": 0, "shown": []}})
+
+
+def test_hostile_names_are_shown_as_text():
+    """rich markup and terminal escapes in a name stay inert: no style applied, no escape written."""
+    from rich.console import Console
+
+    doc = document(domain="[bold red]x[/bold red]\x1b[2J\nforged row", disk="vd\x07a")
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=True, color_system="truecolor").print(render(doc, "t\x1b]0;x\x07"))
+    text = out.getvalue()
+    assert "[bold red]x[/bold red]\\x1b[2J\\nforged row" in text
+    assert "\x1b[2J" not in text and "\x07" not in text and "\x1b]0" not in text
+    assert "forged row" not in [line.strip() for line in text.splitlines()]
+
+
+def test_a_malformed_document_is_an_error_not_a_traceback():
+    for broken in ({"jobs": {"shown": [{"percent": "x"}], "total": 1}}, {"jobs": None}, {}):
+        with pytest.raises(SourceError, match="not a status document"):
+            render(broken, "http://x/")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--poll.interval", "50ms"], "argument --poll.interval: '50ms' is below the minimum of 0.1s"),
+        (["--poll.interval", "2h"], "argument --poll.interval: bad duration '2h': must be at most 1h"),
+        (["--exporter.url", "ftp://x/"], "argument --exporter.url: 'ftp://x/' must be an http(s) URL"),
+        (["--exporter.url", "http://h:99999/"], "argument --exporter.url: Port out of range 0-65535"),
+        (["--libvirt.uri", "nope"], "argument --libvirt.uri: 'nope' is not a libvirt URI (e.g. qemu:///system)"),
+        (["--libvirt.uri", "qemu:///system", "--exporter.url", "http://h/"],
+         "argument --exporter.url: not allowed with argument --libvirt.uri"),
+        (["--exporter.url", "http://h/", "--exporter.username", "a:b", "--exporter.password-file", "f"],
+         "argument --exporter.username: a basic auth username cannot hold ':'"),
+        (["--exporter.url", "http://h/", "--exporter.username", "x" * 5000],
+         "argument --exporter.username: longer than 4096 characters"),
+        (["--exporter.url", "http://h/", "--exporter.ca-file", "a\nb"],
+         "argument --exporter.ca-file: 'a\\nb' contains a control character"),
+        (["--output", "yaml"], "argument --output: invalid choice: 'yaml' (choose from "),  # quoting varies
+        (["--exporter.username", "u", "--exporter.password-file", "f"],
+         "--exporter.username, --exporter.password-file and --exporter.ca-file need --exporter.url"),
+        (["--exporter.url", "http://h/", "--exporter.username", "u"],
+         "--exporter.username and --exporter.password-file go together"),
+    ],
+)
+def test_bad_flags_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        status_main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"libvirt-blockjob-exporter status: error: {message}")
+
+
+# ---------------------------------------------------------------------------- from a running exporter
+
+
+@pytest.fixture
+def tls_exporter(tmp_path):
+    """A WebServer behind TLS and basic auth serving a fixed status document, and its CA file."""
+    cert, key = make_cert(tmp_path, "server")
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+                      f"basic_auth_users:\n  alice: {hashed}\n")
+    (tmp_path / "password").write_text("pw\n")
+    served = {"doc": document()}
+    ws = WebServer("127.0.0.1:0", "/metrics", lambda *a: (b"", "text/plain"), load_web_config(str(config)),
+                   status=lambda: json.dumps(served["doc"]).encode())
+    ws.start()
+    try:
+        yield SimpleNamespace(url=f"https://127.0.0.1:{ws.bound_address[1]}", ca=str(cert),
+                              password_file=str(tmp_path / "password"), served=served)
+    finally:
+        ws.shutdown()
+
+
+def status_args(*argv: str):
+    return build_status_parser().parse_args(list(argv))
+
+
+def test_reads_a_running_exporter_through_tls_and_basic_auth(tls_exporter):
+    x = tls_exporter
+    out, err = io.StringIO(), io.StringIO()
+    login = ["--exporter.username", "alice", "--exporter.password-file", x.password_file]
+    assert run_status(status_args("--exporter.url", x.url, "--exporter.ca-file", x.ca, *login,
+                                  "--output", "json"), out, err) == 0, err.getvalue()
+    assert json.loads(out.getvalue()) == x.served["doc"]
+    out = io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url + "/", "--exporter.ca-file", x.ca, *login), out, err) == 0
+    assert "web-1" in out.getvalue() and "2.0 MiB/s" in out.getvalue()
+
+    err = io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url, "--exporter.ca-file", x.ca), io.StringIO(), err) == 1
+    assert "HTTP 401 Unauthorized (give --exporter.username and --exporter.password-file)" in err.getvalue()
+    err = io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url, *login), io.StringIO(), err) == 1  # unknown CA
+    assert "CERTIFICATE_VERIFY_FAILED" in err.getvalue()
+    x.served["doc"] = {"jobs": "nope"}
+    err = io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url, "--exporter.ca-file", x.ca, *login),
+                      io.StringIO(), err) == 1
+    assert "not a status document" in err.getvalue()
+
+
+def test_watch_refreshes_until_interrupted(tls_exporter):
+    """--watch --output json: one document a line, each a fresh read, until SIGINT (exit 0)."""
+    x = tls_exporter
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "status", "--exporter.url", x.url, "--exporter.ca-file", x.ca,
+         "--exporter.username", "alice", "--exporter.password-file", x.password_file, "--watch",
+         "--output", "json", "--poll.interval", "0.2s"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        x.served["doc"] = document(percent=60.0)
+        deadline = time.monotonic() + 10
+        while json.loads(lines[-1])["jobs"]["shown"][0]["percent"] != 60.0 and time.monotonic() < deadline:
+            lines.append(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert json.loads(lines[0])["jobs"]["shown"][0]["percent"] == 30.0
+    assert json.loads(lines[-1])["jobs"]["shown"][0]["percent"] == 60.0
+
+
+# ---------------------------------------------------------------------------- from libvirt
+
+
+@pytest.mark.libvirt
+def test_reads_libvirt_read_only_during_a_real_pull(vm_factory):
+    vm = vm_factory.create("cli", depth=2, data_mib=40, size_mib=64, paused=True)
+    vmlib.start_pull(vm, bandwidth_bytes=2 * MiB)
+    cmd = [sys.executable, "-m", "exporter", "status", "--libvirt.uri", vmlib.URI, "--poll.interval", "1s"]
+    done = subprocess.run([*cmd, "--output", "json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["connection"]["connected"] and doc["connection"]["mode"] == "read-only"
+    job = next(j for j in doc["jobs"]["shown"] if j["domain"] == vm.name)
+    assert job["type"] == "pull" and job["bandwidth"] == 2 * MiB and 0 < job["percent"] < 100
+    # Two reads a second apart: a rate near the cap, and an ETA from it.
+    assert 0.5 * MiB < job["rate"] < 8 * MiB and job["eta_seconds"] > 0
+    table = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if vm.name in line)
+    assert "\u2501" in row and "MiB/s" in row
+    vmlib.abort(vm)
+
+
+def test_an_unreachable_libvirt_is_exit_1():
+    done = subprocess.run([sys.executable, "-m", "exporter", "status", "--libvirt.uri", "qemu+unix:///system?socket=/nonexistent"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "libvirt-blockjob-exporter status: cannot read block jobs from qemu+unix:///system?socket=/nonexistent")
