@@ -100,15 +100,17 @@ def row_of(driver, body_id: str, column: int, name: str) -> dict | None:
     return next((r for r in table(driver, body_id) if len(r["cells"]) > column and r["cells"][column] == name), None)
 
 
-def screenshot(driver, name: str) -> Path:
+def screenshot(driver, capsys, name: str) -> Path:
+    """Save a screenshot and print its path past pytest's capture, so every run shows it."""
     path = artifacts_dir() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.png"
     driver.save_screenshot(str(path))
-    print(f"screenshot: {path}")
+    with capsys.disabled():
+        print(f"\nscreenshot: {path}")
     return path
 
 
 @pytest.mark.libvirt
-def test_live_pull_bar_advances_and_hostile_name_stays_text(vm_factory, exporter, browser):
+def test_live_pull_bar_advances_and_hostile_name_stays_text(vm_factory, exporter, browser, capsys):
     # 40 MiB in a depth-3 chain at 2 MiB/s: a pull of about 20 s, whatever else runs on the host.
     vm = vm_factory.create("status", depth=3, data_mib=40, size_mib=64, paused=True, name_tail=HOSTILE)
     exp = exporter(connected=True)
@@ -124,7 +126,7 @@ def test_live_pull_bar_advances_and_hostile_name_stays_text(vm_factory, exporter
     assert second["cells"][5] not in ("", "\u2014")  # an ETA
     # The chain section names the same domain, as text.
     assert row_of(browser, "chains", 0, vm.name)["cells"][2] == "3"
-    screenshot(browser, "status-page-live-pull")
+    screenshot(browser, capsys, "status-page-live-pull")
 
     # The name went into the DOM as text in every cell that holds it: no element was made of it,
     # no handler ran, and the serialized DOM escapes it.
@@ -158,7 +160,7 @@ def tls_auth_exporter(tmp_path, exporter):
     return exporter(f"--web.config.file={config}", ca_file=cert, basic_auth=(USER, PASSWORD)), cert
 
 
-def test_page_and_status_json_follow_tls_and_basic_auth(tls_auth_exporter, browser):
+def test_page_and_status_json_follow_tls_and_basic_auth(tls_auth_exporter, browser, capsys):
     exp, cert = tls_auth_exporter
     tls = ssl.create_default_context(cafile=str(cert))
     for path in ("/", "/status.json"):
@@ -183,5 +185,5 @@ def test_page_and_status_json_follow_tls_and_basic_auth(tls_auth_exporter, brows
     assert state in ("connected", "not connected")
     assert browser.find_element("id", "error").text == ""
     assert wait_for(lambda: browser.find_element("id", "updated").text.startswith("updated"), 10, "an update")
-    screenshot(browser, "status-page-tls-auth")
+    screenshot(browser, capsys, "status-page-tls-auth")
 
