@@ -80,6 +80,8 @@ def _listen_flag(text: str) -> str:
 def _telemetry_path_flag(text: str) -> str:
     if not text.startswith("/") or text == "/" or any(c.isspace() for c in text):
         raise ValueError(f"{text!r} must start with /, not be / (the landing page) and hold no spaces")
+    if text in ("/status.json", "/-/healthy"):
+        raise ValueError(f"{text!r} is taken (the status page's data and the health check)")
     return text
 
 

@@ -43,6 +43,8 @@ def parse_error(capsys, argv) -> str:
         (["--libvirt.uri", "qemu:///" + "x" * 5000], "argument --libvirt.uri: longer than 4096 characters"),
         (["--web.telemetry-path", "/me trics"],
          "argument --web.telemetry-path: '/me trics' must start with /, not be / (the landing page) and hold no spaces"),
+        (["--web.telemetry-path", "/status.json"],
+         "argument --web.telemetry-path: '/status.json' is taken (the status page's data and the health check)"),
         (["--web.listen-address", ":" + "9" * 5000], "argument --web.listen-address: longer than 4096 characters"),
         (["--policy.file", "x" * 5000], "argument --policy.file: longer than 4096 characters"),
         (["--web.config.file", "a\x00b"], "argument --web.config.file: 'a\\x00b' contains a control character"),
