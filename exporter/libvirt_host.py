@@ -271,10 +271,12 @@ class LibvirtHost:
         self._stats.calls(method)
         return result
 
-    def _domain_disks(self, name: str, dom: libvirt.virDomain) -> tuple[DiskInfo, ...]:
-        """Reads a domain's XML and keeps its disks as the ones to poll; a changed XML is parsed again
-        and its disks are read at once (a new domain, disk or layer may come with a new job)."""
-        xml = self._call("XMLDesc", dom.XMLDesc, 0)
+    def _domain_disks(self, name: str, dom: libvirt.virDomain, xml: str | None = None) -> tuple[DiskInfo, ...]:
+        """Reads a domain's XML (unless given) and keeps its disks as the ones to poll; a changed XML
+        is parsed again and its disks are read at once (a new domain, disk or layer may come with a
+        new job)."""
+        if xml is None:
+            xml = self._call("XMLDesc", dom.XMLDesc, 0)
         parsed = self._parsed_xml.get(name)
         if parsed is None or parsed[0] != xml:
             parsed = self._parsed_xml[name] = (xml, tuple(parse_disks(name, xml)))
@@ -295,6 +297,10 @@ class LibvirtHost:
                 inventory[name] = self._domain_disks(name, dom)
             except libvirt.libvirtError as err:
                 self._warn.warning(f"xml:{name}", "cannot read the XML of %s: %s", name, err)
+                known = self._parsed_xml.get(name)
+                if known is not None and err.get_error_code() not in DOMAIN_GONE_ERRORS:
+                    # Still running, its XML unreadable for now: its disks (and jobs) stay as they were.
+                    inventory[name] = self._domain_disks(name, dom, known[0])
         self._parsed_xml = {name: parsed for name, parsed in self._parsed_xml.items() if name in inventory}
         self._targets = None
         self._last_inventory = time.monotonic()

@@ -149,6 +149,8 @@ class _Reader(threading.Thread):
                 outcome = self._handle(target).blockJobInfo(target.disk, self._FLAGS)
             except libvirt.libvirtError as err:
                 outcome = err
+            except Exception as err:  # a binding's surprise must not end the thread the poller waits on
+                outcome = libvirt.libvirtError(f"blockJobInfo({target.disk}) raised {err!r}")
             read = Read(target, outcome, started)
             with lock:
                 late = self._set_aside
