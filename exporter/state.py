@@ -168,6 +168,10 @@ class State:
         with self._lock:
             return {key: job.cursor_changed_time for key, job in self._jobs.items()}
 
+    def jobs_generation(self) -> int:
+        """Changes when ``tracked_jobs`` would: lets the state file skip building them every cycle."""
+        return self._jobs_generation
+
     def tracked_jobs(self) -> tuple[int, tuple[TrackedJob, ...]]:
         """(generation, jobs as they are now): the generation changes when a job starts, ends or
         becomes ready (an abort of a ready mirror is a cancel, of one not ready a failure)."""
