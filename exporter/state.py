@@ -10,8 +10,9 @@ run of it. The rules:
 * Only ``BLOCK_JOB_2`` events count outcomes; ``BLOCK_JOB`` is the same outcome named by path.
 * A job belongs to one run of its domain (``DomainInstance``: UUID and runtime id). An answer or
   event from another run never updates, ends or stands in for it. When a run ends (stopped,
-  crashed, or a later run seen) its jobs end, inferred, and later events of that run are not
-  counted: their ends were counted when the run ended.
+  crashed, or a later run seen) its jobs end, inferred, and later events for them are not
+  counted: their ends were counted when the run ended. A later event of that run for a disk
+  whose job was not known then counts: that job ran between two polls.
 * A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds; if no event
   names the outcome by then, it is inferred from the disk (see ``infer_outcome``).
 * A poll answer for a disk whose job ended after that poll's call began is stale and ignored.
@@ -132,6 +133,7 @@ class State:
         self._instances: dict[str, DomainInstance] = {}  # running domain -> its current run
         self._unresponsive: frozenset[str] = frozenset()
         self._stopped_runs: dict[DomainInstance, float] = {}  # run -> monotonic time it ended
+        self._ended_with_run: dict[DomainInstance, set[str]] = {}  # stopped run -> disks whose job ended with it
         self._gone_since: dict[str, float] = {}  # domain with series, not running -> monotonic
         self._disks: dict[DiskKey, DiskInfo] = {}
         self._jobs: dict[DiskKey, ActiveJob] = {}
@@ -330,6 +332,9 @@ class State:
         for key, job in [(k, j) for k, j in self._jobs.items() if k[0] == domain and _same_run(j.instance, run)]:
             if job.instance is not None:
                 self._stopped_runs[job.instance] = now
+            owner = job.instance or run
+            if owner is not None:
+                self._ended_with_run.setdefault(owner, set()).add(key[1])
             records.append(self._end_inferred(key, running=False, crashed=crashed))
         return tuple(records)
 
@@ -463,8 +468,9 @@ class State:
             # The tracked type labels the series the gauges used; libvirt's event agrees with it.
             return (self._end_job(key, event.status, inferred=False),)
         run = event.instance
-        if run is not None and run.id >= 0 and run in self._stopped_runs:
-            self._not_counted(event, f"it reports a job of run {run.id} of the domain, whose jobs were "
+        if (run is not None and run.id >= 0 and run in self._stopped_runs
+                and event.disk in self._ended_with_run.get(run, ())):
+            self._not_counted(event, f"it reports the job of run {run.id} of the domain on this disk, "
                                      "counted when that run ended")
             return ()
         records: tuple[OutcomeRecord, ...] = ()
@@ -528,3 +534,5 @@ class State:
             del self._stopped_runs[run]
         while len(self._stopped_runs) > _STOPPED_RUNS_KEPT:  # dicts keep insertion order: oldest first
             del self._stopped_runs[next(iter(self._stopped_runs))]
+        for run in [run for run in self._ended_with_run if run not in self._stopped_runs]:
+            del self._ended_with_run[run]

@@ -322,7 +322,22 @@ def test_late_event_of_a_run_that_ended_is_not_counted_again(state, clock, caplo
     caplog.set_level("INFO", logger="exporter.state")
     assert state.apply(event(clock, "failed", run=RUN1)) == ()
     assert count(state, "failed") == 1
-    assert "not counted, it reports a job of run 7 of the domain" in caplog.text
+    assert "not counted, it reports the job of run 7 of the domain on this disk" in caplog.text
+
+
+def test_a_late_event_of_a_run_that_ended_counts_a_job_never_seen(state, clock, caplog):
+    # Found by the property test: a pull started just before a destroy, never polled, whose end
+    # libvirt reports after the lifecycle event was lost.
+    state.update_domain("dom", [disk(), disk(target="vdb")], RUN1)
+    state.apply_poll("dom", "vda", pull(), clock.mono(), RUN1)
+    records = state.apply(lifecycle(clock, "stopped", RUN1))
+    assert [(r.disk, r.outcome, r.inferred) for r in records] == [("vda", "canceled", True)]
+    caplog.set_level("INFO", logger="exporter.state")
+    assert state.apply(event(clock, "canceled", run=RUN1)) == ()  # vda's end: counted with the run
+    assert "not counted, it reports the job of run 7 of the domain on this disk" in caplog.text
+    records = state.apply(event(clock, "failed", target="vdb", run=RUN1))
+    assert [(r.disk, r.outcome, r.inferred) for r in records] == [("vdb", "failed", False)]
+    assert (count(state, "canceled"), count(state, "failed", target="vdb"), total_outcomes(state)) == (1, 1, 2)
 
 
 def test_quick_pulls_on_a_restarted_domain_are_all_counted(state, clock):
