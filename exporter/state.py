@@ -13,6 +13,10 @@ run of it. The rules:
   crashed, or a later run seen) its jobs end, inferred, and later events for them are not
   counted: their ends were counted when the run ended. A later event of that run for a disk
   whose job was not known then counts: that job ran between two polls.
+* A refresh, listing or resync that names a run a lifecycle event said has ended was read before
+  that event and applied after it (an event can overtake what the poller read): that domain is
+  taken as not running, so that the run and its jobs do not come back. Only an event tells this:
+  a listing that misses a domain may itself predate the domain's start.
 * A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds; if no event
   names the outcome by then, it is inferred from the disk (see ``infer_outcome``).
 * A poll answer for a disk whose job ended after that poll's call began is stale and ignored.
@@ -134,6 +138,7 @@ class State:
         self._unresponsive: frozenset[str] = frozenset()
         self._stopped_runs: dict[DomainInstance, float] = {}  # run -> monotonic time it ended
         self._ended_with_run: dict[DomainInstance, set[str]] = {}  # stopped run -> disks whose job ended with it
+        self._said_ended: dict[DomainInstance, float] = {}  # runs a lifecycle event ended -> monotonic
         self._gone_since: dict[str, float] = {}  # domain with series, not running -> monotonic
         self._disks: dict[DiskKey, DiskInfo] = {}
         self._jobs: dict[DiskKey, ActiveJob] = {}
@@ -251,6 +256,9 @@ class State:
                       instance: DomainInstance | None = None) -> tuple[OutcomeRecord, ...]:
         """Replace one running domain's disks (after a lifecycle or block-job event)."""
         with self._lock:
+            if instance is not None and instance in self._said_ended:
+                log.debug("refresh of %s read before run %d ended: ignored", domain, instance.id)
+                return ()
             records = self._set_run(domain, instance)
             if domain not in self._running:
                 self._running.add(domain)
@@ -287,6 +295,8 @@ class State:
                 self._settling[key] = _Settling(job.instance, job.job_type, record.outcome, now_m + self._settle)
             now = self._clock()
             for key, info in jobs.items():
+                if key[0] not in self._running:
+                    continue  # read before its run ended
                 ended = self._ended.get(key)
                 if (ended is not None and ended.monotonic >= call_started
                         and _same_run(ended.instance, self._instances.get(key[0]))):
@@ -341,6 +351,11 @@ class State:
     def _set_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
                        instances: Mapping[str, DomainInstance]) -> tuple[OutcomeRecord, ...]:
         now = self._monotonic()
+        stale = {name for name, run in instances.items() if run in self._said_ended}
+        if stale:
+            log.debug("listing read before %s stopped: taken as not running", ", ".join(sorted(stale)))
+            disks = {name: d for name, d in disks.items() if name not in stale}
+            instances = {name: run for name, run in instances.items() if name not in stale}
         running = set(disks)
         for name in self._running - running:
             self._gone_since[name] = now
@@ -487,12 +502,20 @@ class State:
 
     def _apply_lifecycle(self, event: LifecycleEvent) -> tuple[OutcomeRecord, ...]:
         name, run = event.domain, event.instance
+        current = self._instances.get(name)
+        now = self._monotonic()
         if event.kind == "started":
+            if current is not None and run is not None and current != run:
+                self._said_ended[current] = now
             return self._set_run(name, run)
         if event.kind not in ("stopped", "crashed"):
             return ()
         crashed = event.kind == "crashed"
-        current = self._instances.get(name)
+        if run is not None:  # None: a refresh found the domain inactive, as stale as any read
+            if run.id >= 0:
+                self._said_ended[run] = now
+            elif current is not None and current.uuid == run.uuid:
+                self._said_ended[current] = now
         if not _same_run(run, current):
             # The end of an earlier run, reported after a later run was seen.
             return self._end_run_jobs(name, run, crashed)
@@ -536,3 +559,7 @@ class State:
             del self._stopped_runs[next(iter(self._stopped_runs))]
         for run in [run for run in self._ended_with_run if run not in self._stopped_runs]:
             del self._ended_with_run[run]
+        for run in [run for run, at in self._said_ended.items() if now - at > kept]:
+            del self._said_ended[run]
+        while len(self._said_ended) > _STOPPED_RUNS_KEPT:
+            del self._said_ended[next(iter(self._said_ended))]

@@ -340,6 +340,34 @@ def test_a_late_event_of_a_run_that_ended_counts_a_job_never_seen(state, clock, 
     assert (count(state, "canceled"), count(state, "failed", target="vdb"), total_outcomes(state)) == (1, 1, 2)
 
 
+def test_a_refresh_read_before_a_stop_and_applied_after_it_does_not_bring_the_run_back(state, clock):
+    # Found by the property test: the stop event overtakes what the poller read just before it.
+    start_run(state, clock, RUN1)
+    read_at = clock.mono()
+    clock.tick(0.01)
+    assert [r.outcome for r in state.apply(lifecycle(clock, "stopped", RUN1))] == ["canceled"]
+    assert state.update_domain("dom", [disk()], RUN1) == ()
+    state.apply_poll("dom", "vda", pull(cur=50), read_at, RUN1)
+    assert state.replace_inventory({"dom": [disk()]}, {"dom": RUN1}) == ()
+    assert state.resync({"dom": [disk()]}, {("dom", "vda"): pull(cur=50)}, read_at, instances={"dom": RUN1}) == ()
+    snap = state.snapshot()
+    assert (snap.jobs, snap.disks, snap.running_domains) == ({}, {}, frozenset())
+    state.update_domain("dom", [disk()], RUN2)  # the next run is welcome
+    state.apply_poll("dom", "vda", pull(cur=1), clock.mono(), RUN2)
+    assert state.snapshot().jobs[("dom", "vda")].instance == RUN2
+    assert total_outcomes(state) == 1
+
+
+def test_a_listing_read_before_a_start_and_applied_after_it_does_not_keep_the_new_run_out(state, clock):
+    state.update_domain("dom", [disk()], RUN1)  # RUN1's stop event was lost (disconnected)
+    state.apply(lifecycle(clock, "started", RUN2))
+    state.replace_inventory({}, {})  # read while "dom" was down, applied after its start event
+    state.update_domain("dom", [disk()], RUN2)  # the refresh the start triggers
+    state.apply_poll("dom", "vda", pull(), clock.mono(), RUN2)
+    assert "dom" in state.snapshot().running_domains
+    assert state.snapshot().jobs[("dom", "vda")].instance == RUN2
+
+
 def test_quick_pulls_on_a_restarted_domain_are_all_counted(state, clock):
     start_run(state, clock, RUN1)
     state.apply(lifecycle(clock, "crashed", RUN1))
