@@ -79,12 +79,6 @@ class _Settling:
     until: float  # monotonic
 
 
-@dataclass(frozen=True)
-class _Ended:
-    monotonic: float
-    instance: DomainInstance | None
-
-
 def _same_run(a: DomainInstance | None, b: DomainInstance | None) -> bool:
     """Whether two sightings can be the same run; None is unknown, and id -1 (what libvirt says of
     a domain once it has stopped, e.g. in the event for a destroy) is any run of that UUID."""
@@ -144,7 +138,9 @@ class State:
         self._jobs: dict[DiskKey, ActiveJob] = {}
         self._tracked: dict[DiskKey, TrackedJob] = {}
         self._pending: dict[DiskKey, float] = {}  # key -> monotonic time the poll lost the job
-        self._ended: dict[DiskKey, _Ended] = {}  # the last job that ended on each disk
+        # disk -> run -> monotonic time the last job of that run ended on it. Per run: the end of an
+        # earlier run's job, inferred when a resync finds the new run, must not hide a later end.
+        self._ended: dict[DiskKey, dict[DomainInstance | None, float]] = {}
         self._settling: dict[DiskKey, _Settling] = {}
         self._outcomes: dict[tuple[str, str, str, str], int] = {}
         self._inferred: dict[tuple[str, str, str, str], int] = {}
@@ -225,8 +221,7 @@ class State:
                 current = self._instances.get(answer.domain)
                 if not _same_run(answer.instance, current):
                     continue  # answered through the handle of an earlier run of the domain
-                ended = self._ended.get(key)
-                if ended is not None and ended.monotonic >= answer.call_started and _same_run(ended.instance, current):
+                if self._ended_since(key, answer.call_started, current):
                     continue  # an event ended this job while the call was in flight
                 if answer.info is None:
                     if key not in self._pending:
@@ -287,8 +282,7 @@ class State:
             for key, job in list(self._jobs.items()):
                 if key in jobs or (not jobs_complete and key in self._disks):
                     continue
-                ended = self._ended.get(key)
-                if ended is not None and ended.monotonic >= call_started:
+                if self._ended_since(key, call_started, None):
                     continue
                 record = self._end_inferred(key)
                 records.append(record)
@@ -297,9 +291,7 @@ class State:
             for key, info in jobs.items():
                 if key[0] not in self._running:
                     continue  # read before its run ended
-                ended = self._ended.get(key)
-                if (ended is not None and ended.monotonic >= call_started
-                        and _same_run(ended.instance, self._instances.get(key[0]))):
+                if self._ended_since(key, call_started, self._instances.get(key[0])):
                     continue
                 records.extend(self._sample(key, info, now, self._instances.get(key[0])))
             self._changed()
@@ -322,6 +314,11 @@ class State:
     def _changed(self) -> None:
         self._version += 1
         self._snapshot = None
+
+    def _ended_since(self, key: DiskKey, since: float, run: DomainInstance | None) -> bool:
+        """Whether a job that can be of ``run`` ended on the disk at or after ``since``."""
+        ends = self._ended.get(key)
+        return ends is not None and any(at >= since and _same_run(ended, run) for ended, at in ends.items())
 
     def _set_run(self, domain: str, instance: DomainInstance | None) -> tuple[OutcomeRecord, ...]:
         """Record the current run of a domain; the jobs of an earlier run end with it."""
@@ -453,7 +450,7 @@ class State:
         self._outcomes[series] += 1
         if inferred:
             self._inferred[series] = self._inferred.get(series, 0) + 1
-        self._ended[key] = _Ended(self._monotonic(), instance)
+        self._ended.setdefault(key, {})[instance] = self._monotonic()
         if domain not in self._running:
             self._gone_since.setdefault(domain, self._monotonic())
         record = OutcomeRecord(domain=domain, disk=disk, job_type=job_type, outcome=outcome,
@@ -548,8 +545,11 @@ class State:
             for name in expired:
                 del self._gone_since[name]
             self._changed()
-        for key in [k for k, e in self._ended.items() if now - e.monotonic > _ENDED_KEPT_SECONDS or k[0] in expired]:
-            del self._ended[key]
+        for key, ends in list(self._ended.items()):
+            for run in [run for run, at in ends.items() if now - at > _ENDED_KEPT_SECONDS]:
+                del ends[run]
+            if not ends or key[0] in expired:
+                del self._ended[key]
         for key in [k for k, s in self._settling.items() if now > s.until]:
             del self._settling[key]
         kept = max(self._retention, _ENDED_KEPT_SECONDS)

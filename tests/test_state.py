@@ -368,6 +368,28 @@ def test_a_listing_read_before_a_start_and_applied_after_it_does_not_keep_the_ne
     assert state.snapshot().jobs[("dom", "vda")].instance == RUN2
 
 
+def test_a_resync_does_not_bring_back_a_job_whose_end_was_counted_after_its_read(state, clock):
+    # Found by the property test: the domain restarted while disconnected; the new run's job ended
+    # between the resync's read and its application. Inferring the old run's job's end in the
+    # same resync used to hide that end from the resync's own staleness check.
+    state.update_domain("dom", [disk(target="vdb")], RUN1)
+    state.apply_poll("dom", "vdb", pull(), clock.mono(), RUN1)
+    state.apply(ConnectionEvent(False, clock.mono(), clock.wall()))
+    clock.tick(5)
+    call_started = clock.mono()
+    clock.tick(0.01)
+    assert [r.outcome for r in state.apply(event(clock, "completed", target="vdb", run=RUN2))] == ["completed"]
+    records = state.resync({"dom": [disk(target="vdb")]}, {("dom", "vdb"): pull(cur=99)}, call_started,
+                           instances={"dom": RUN2})
+    assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]  # RUN1's job
+    assert state.snapshot().jobs == {}
+    clock.tick(1)
+    state.apply_poll("dom", "vdb", None, clock.mono(), RUN2)
+    clock.tick(5)
+    assert state.expire() == ()
+    assert (count(state, "completed", target="vdb"), count(state, "canceled", target="vdb")) == (1, 1)
+
+
 def test_quick_pulls_on_a_restarted_domain_are_all_counted(state, clock):
     start_run(state, clock, RUN1)
     state.apply(lifecycle(clock, "crashed", RUN1))
