@@ -11,8 +11,8 @@ characters, several documents); and the bounds themselves (alias bombs, deep nes
 the size limit).
 
 Characters YAML does not allow in a stream (C0 controls but tab and newlines, DEL, C1 but NEL,
-surrogates, U+FFFE/U+FFFF) are replaced before loading: a file with one makes the loaders raise
-PyYAML's ReaderError instead of a problem (``test_a_character_yaml_does_not_allow_...``, xfail).
+surrogates, U+FFFE/U+FFFF) are problems with their line like any other
+(``test_a_character_yaml_does_not_allow_...``).
 
 String values never start with "/" (or name another directory), so that the web config's
 certificate keys only ever name files in the test's own directory; the special files are a
@@ -31,7 +31,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -101,23 +100,6 @@ def _bounded(load, *args):
     return outcome
 
 
-# Known bug (xfail below): configfile.compose builds the loader, whose constructor rejects these
-# characters, outside the try that turns YAML errors into problems.
-_NOT_ALLOWED = yaml.reader.Reader.NON_PRINTABLE
-
-
-def avoid_known_bug(text: str) -> str:
-    return _NOT_ALLOWED.sub("?", text)
-
-
-def avoid_known_bug_bytes(data: bytes) -> bytes:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data  # rejected as not UTF-8 before YAML sees it
-    return avoid_known_bug(text).encode("utf-8", "surrogatepass")
-
-
 def _check_policy_text(text: str, path: str) -> None:
     outcome = _bounded(parse_policy, text, path)
     if isinstance(outcome, PolicyError):
@@ -128,12 +110,11 @@ def _check_policy_text(text: str, path: str) -> None:
 
 
 def check_policy_text(text: str, path: str) -> None:
-    _check_policy_text(avoid_known_bug(text), path)
+    _check_policy_text(text, path)
 
 
 def check_files(workdir: Path, data: bytes) -> None:
     """Both loaders on the same bytes, read from a file."""
-    data = avoid_known_bug_bytes(data)
     text = data.decode("utf-8", "replace")
     for name, load, error, kind in (("policy.yml", load_policy, PolicyError, Policy),
                                     ("web.yml", load_web_config, WebConfigError, WebConfig)):
@@ -460,10 +441,6 @@ def test_size_bounds(workdir, kind):
             assert grew < PEAK_BYTES, f"{name}: peak RSS grew by {grew / 1024**2:.0f} MiB"
 
 
-@pytest.mark.xfail(strict=True, raises=yaml.reader.ReaderError, reason=(
-    "configfile.compose() creates _BoundedLoader(text) outside its try: PyYAML's Reader checks the "
-    "whole text for characters YAML does not allow in its constructor, so its ReaderError escapes "
-    "load() as a traceback (policy check, --policy.file, --web.config.file) instead of FILE:LINE"))
 @pytest.mark.parametrize("char", ["\x00", "\x01", "\x1b", "\x7f", "\x9b", "\ufffe"])
 def test_a_character_yaml_does_not_allow_is_a_problem_with_its_line(workdir, char):
     _check_policy_text(f"rules: []\n# {char}\n", "fuzz-policy.yml")
@@ -513,9 +490,6 @@ def test_tls_files_that_are_not_certificates_are_errors_within_bounded_time(tmp_
     _check_error_lines(cfg.read_text(), str(cfg), str(outcome).split("\n"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "webconfig.py opens cert_file/key_file/client_ca_file with a blocking open(): a FIFO named there "
-    "blocks the load (start-up, or the web server's reload) until something writes to it"))
 def test_a_tls_file_that_is_a_fifo_is_an_error_within_bounded_time(tmp_path):
     fifo = tmp_path / "cert.pem"
     os.mkfifo(fifo)
