@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from collections import Counter
 
-from bench.churn import PREFIX, Churn, Witness, compare, counted_by
+from bench.churn import PREFIX, Churn, Witness, compare, counted_by, print_rows
 from exporterlib import Exporter
 import vmlib
 
@@ -242,12 +241,7 @@ def main(argv=None) -> int:
                     churn.exporter = exporter
                     exporters.append(exporter)
                 continue
-            try:
-                churn.step()
-            except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
-                churn.actions["step error"] += 1
-                print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
-            time.sleep(churn.rng.uniform(0.2, 2.0))
+            churn.safe_step()
         churn.quiesce()
         time.sleep(5)  # the last events and inferences settle
         scraper.stop()
@@ -257,11 +251,7 @@ def main(argv=None) -> int:
         print(f"soak: {args.minutes:g} min, seed {args.seed}, {len(churn.vms)} domains; actions: "
               + ", ".join(f"{k} {v}" for k, v in sorted(churn.actions.items()))
               + f"; jobs that ended while libvirtd or the exporter was away: {sum(churn.away.values())}")
-        print("| outcome | libvirt reported | ended unreported (destroy/kill) | exporter counted | "
-              "of which from events | inferred |")
-        print("|---|---|---|---|---|---|")
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
+        print_rows(rows)
         if ok:
             print(f"scrapes: {len(ok)} of {len(scraper.samples)} answered, slowest {max(s.seconds for s in ok) * 1000:.0f} ms;"
                   f" RSS {ok[0].rss_mib:.1f} -> {ok[-1].rss_mib:.1f} MiB (max {max(s.rss_mib for s in ok):.1f});"
