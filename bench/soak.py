@@ -89,7 +89,10 @@ class Scraper:
                 threads, rss = int(status["Threads"]), int(status["VmRSS"].split()[0]) / 1024
             except (OSError, KeyError, ValueError):
                 threads, rss = 0, 0.0
-            ours = [n for n in vmlib.virsh("list", "--name").split() if n.startswith(PREFIX)]
+            try:
+                ours = [n for n in vmlib.virsh("list", "--name").split() if n.startswith(PREFIX)]
+            except vmlib.CommandError:  # libvirtd restarting: the count is not known this second
+                ours = []
             series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
             self.samples.append(Sample(started - self._begun, ok, seconds, rss, threads, series, len(ours)))
 
