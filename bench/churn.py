@@ -229,13 +229,18 @@ def print_rows(rows: list) -> None:
         print("| " + " | ".join(str(c) for c in row) + " |")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.churn", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--seed", type=int, default=1)
+def schedule_parser(prog: str, doc: str, minutes: float, seed: int) -> argparse.ArgumentParser:
+    """The flags of a seeded schedule (the churn's, and the soak's built on it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=minutes)
+    parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--domains", type=int, default=6)
     parser.add_argument("--libvirtd-restarts", type=int, default=3)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = schedule_parser("python -m bench.churn", __doc__, 10.0, 1).parse_args(argv)
     churn = Churn(args.seed, args.domains)
     witness = Witness()
     exporter = None

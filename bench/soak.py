@@ -19,7 +19,6 @@ any failure.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import signal
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from collections import Counter
 
-from bench.churn import PREFIX, Churn, Witness, compare, counted_by, print_rows
+from bench.churn import PREFIX, Churn, Witness, compare, counted_by, print_rows, schedule_parser
 from exporterlib import Exporter
 import vmlib
 
@@ -209,11 +208,7 @@ def plot(scraper: Scraper, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=120.0)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--domains", type=int, default=6)
-    parser.add_argument("--libvirtd-restarts", type=int, default=3)
+    parser = schedule_parser("python -m bench.soak", __doc__, 120.0, 7)
     parser.add_argument("--plot", help="write RSS and series over time to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     churn, witness, scraper = Soak(args.seed, args.domains), Witness(), Scraper()
