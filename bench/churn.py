@@ -110,8 +110,12 @@ class Churn:
             vmlib.add_layer(vm, f"layer{self.layers[vm.name]}")
         return True
 
+    def candidates(self) -> list:
+        """The domains the schedule acts on."""
+        return self.vms
+
     def step(self) -> None:
-        vm = self.rng.choice(self.vms)
+        vm = self.rng.choice(self.candidates())
         action = self.rng.choices(["capped", "quick", "abort", "destroy", "kill"], [4, 4, 2, 1, 1])[0]
         if vm.label == "enospc":
             action = "quick"
@@ -142,9 +146,18 @@ class Churn:
             vmlib.recreate(vm)
         self.actions[action] += 1
 
+    def safe_step(self) -> None:
+        """One step of the schedule, then a pause; a failed command is counted and the schedule goes on."""
+        try:
+            self.step()
+        except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
+            self.actions["step error"] += 1
+            print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
+        time.sleep(self.rng.uniform(0.2, 2.0))
+
     def restart_libvirtd(self, while_ending: bool) -> None:
         if while_ending:  # a pull that ends while libvirtd is away
-            vm = next((v for v in self.vms if v.label != "enospc" and self._ready_to_pull(v)), None)
+            vm = next((v for v in self.candidates() if v.label != "enospc" and self._ready_to_pull(v)), None)
             if vm is not None:
                 vmlib.start_pull(vm, "vda", bandwidth_bytes=16 * MiB)
                 time.sleep(1)
@@ -167,7 +180,19 @@ class Churn:
                 vmlib.wait_no_job(vm, timeout=120)
 
 
-def compare(exporter: Exporter, witness: Counter, churn: Churn) -> tuple[list, list[str]]:
+def counted_by(scrape) -> tuple[Counter, Counter]:
+    """(counted, inferred) per (domain, outcome) in one scrape."""
+    counted, inferred = Counter(), Counter()
+    for outcome in OUTCOMES:
+        for labels, value in scrape.series(f"libvirt_blockjob_{outcome}_total").items():
+            counted[(dict(labels)["domain"], outcome)] += value
+        for labels, value in scrape.series("libvirt_blockjob_outcomes_inferred_total", outcome=outcome).items():
+            inferred[(dict(labels)["domain"], outcome)] += value
+    return counted, inferred
+
+
+def compare(exporter: Exporter, witness: Counter, churn: Churn,
+            earlier: tuple[Counter, Counter] = (Counter(), Counter())) -> tuple[list, list[str]]:
     """Per outcome: (outcome, reported, ended unreported, counted, of which from events, inferred),
     and the domains whose figures cannot be explained.
 
@@ -175,16 +200,16 @@ def compare(exporter: Exporter, witness: Counter, churn: Churn) -> tuple[list, l
     every reported and every unreported end is counted once and with its outcome,
     R + U <= counted <= R + U + A, and no event is counted that libvirt did not report,
     R - A <= from events <= R. A covers an end that libvirt re-reported after its restart to one
-    observer and not the other; an end counted with the wrong outcome shows as a shortfall."""
-    scrape = exporter.scrape()
+    observer and not the other; an end counted with the wrong outcome shows as a shortfall.
+    ``earlier`` adds what an exporter killed during the run had counted (``counted_by``)."""
+    now_counted, now_inferred = counted_by(exporter.scrape())
     totals = {o: Counter() for o in OUTCOMES}
     bad = []
     for vm in churn.vms:
         name, away = vm.name, churn.away[vm.name]
         for outcome in OUTCOMES:
-            counted = sum(scrape.series(f"libvirt_blockjob_{outcome}_total", domain=name).values())
-            inferred = sum(scrape.series("libvirt_blockjob_outcomes_inferred_total", domain=name,
-                                         outcome=outcome).values())
+            counted = now_counted[(name, outcome)] + earlier[0][(name, outcome)]
+            inferred = now_inferred[(name, outcome)] + earlier[1][(name, outcome)]
             r, u = witness[(name, outcome)], churn.unreported[(name, outcome)]
             row = {"reported": r, "unreported": u, "counted": counted, "events": counted - inferred,
                    "inferred": inferred}
@@ -195,13 +220,27 @@ def compare(exporter: Exporter, witness: Counter, churn: Churn) -> tuple[list, l
     return rows, bad
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.churn", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--seed", type=int, default=1)
+def print_rows(rows: list) -> None:
+    """``compare``'s rows as a Markdown table."""
+    print("| outcome | libvirt reported | ended unreported (destroy/kill) | exporter counted | "
+          "of which from events | inferred |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def schedule_parser(prog: str, doc: str, minutes: float, seed: int) -> argparse.ArgumentParser:
+    """The flags of a seeded schedule (the churn's, and the soak's built on it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=minutes)
+    parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--domains", type=int, default=6)
     parser.add_argument("--libvirtd-restarts", type=int, default=3)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = schedule_parser("python -m bench.churn", __doc__, 10.0, 1).parse_args(argv)
     churn = Churn(args.seed, args.domains)
     witness = Witness()
     exporter = None
@@ -219,12 +258,7 @@ def main(argv=None) -> int:
                 exporter.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=60)
                 time.sleep(2)  # the witness resubscribes
                 continue
-            try:
-                churn.step()
-            except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
-                churn.actions["step error"] += 1
-                print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
-            time.sleep(churn.rng.uniform(0.2, 2.0))
+            churn.safe_step()
         churn.quiesce()
         exporter.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=60)
         time.sleep(5)  # the last events and inferences settle
@@ -232,11 +266,7 @@ def main(argv=None) -> int:
         print(f"churn: {args.minutes:g} min, seed {args.seed}, {len(churn.vms)} domains; actions: "
               + ", ".join(f"{k} {v}" for k, v in sorted(churn.actions.items()))
               + f"; jobs that ended while libvirtd was away: {sum(churn.away.values())}")
-        print("| outcome | libvirt reported | ended unreported (destroy/kill) | exporter counted | "
-              "of which from events | inferred |")
-        print("|---|---|---|---|---|---|")
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
+        print_rows(rows)
         for line in bad:
             print("MISMATCH " + line)
         print("result: " + ("every outcome counted exactly once" if not bad else "MISMATCH"))

@@ -515,3 +515,13 @@ def test_large_file_is_refused_without_reading_it_all(tmp_path):
     assert result.stderr == (f"/dev/zero: policy file is larger than 1024 KiB\n"
                              f"{big}: policy file is larger than 1024 KiB\n")
     assert result.returncode == 11
+
+
+def test_a_fifo_as_the_policy_file_is_an_error_not_a_wait(tmp_path, capsys):
+    """open() on a FIFO blocks until someone writes; the loader refuses it at once."""
+    import os
+
+    fifo = tmp_path / "policy.yml"
+    os.mkfifo(fifo)
+    assert policy_check(str(fifo)) == 1
+    assert f"{fifo}: cannot read policy file: a FIFO or socket, not a file" in capsys.readouterr().err
