@@ -257,7 +257,7 @@ def test_next_opening():
     "text,line,fragment",
     [
         ("rules:\n  - name: a\n    action: {pull: {}}\n    colour: red\n", 4, "unknown key 'colour'"),
-        ("rules: []\nlimts: {}\n", 2, "unknown key 'limts' (allowed: rules, limits); did you mean 'limits'?"),
+        ("rules: []\nlimts: {}\n", 2, "unknown key 'limts' (allowed: rules, limits, fleet); did you mean 'limits'?"),
         ("rules:\n  - name: a\n    match: {domain: x, dsk: vda}\n    action: {pull: {}}\n", 3, "unknown key 'dsk'"),
         ("rules:\n  - name: a\n    when:\n      depth: 2\n    action: {pull: {}}\n", 4, "when: unknown key 'depth'"),
         ("rules:\n  - name: a\n    action:\n      pull:\n        speed: 5\n", 5, "action.pull: unknown key 'speed'"),

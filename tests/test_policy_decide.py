@@ -434,7 +434,7 @@ def test_disconnected_snapshot_decides_nothing():
 
 
 def test_deferred_reasons_are_the_documented_label_values():
-    assert DEFER_REASONS == ("window", "concurrency", "space", "backoff", "active_job", "gave_up", "dry_run")
+    assert DEFER_REASONS == ("window", "concurrency", "fleet", "space", "backoff", "active_job", "gave_up", "dry_run")
 
 
 def test_matches_can_be_precomputed():
