@@ -155,9 +155,9 @@ class PolicyEngine:
             if self._enforcing:
                 decisions = tuple(self._act(d, snapshot, policy) for d in plan.decisions)
                 deferred = dict(plan.deferred)
-                for d in decisions:  # starts the fleet budget refused at the last moment
-                    if d.action == "defer" and d.reason == "fleet":
-                        deferred[(d.rule, "fleet")] = deferred.get((d.rule, "fleet"), 0) + 1
+                for before, d in zip(plan.decisions, decisions):  # starts the fleet refused at the last moment
+                    if before.action == "start" and d.action == "defer":
+                        deferred[(d.rule, d.reason)] = deferred.get((d.rule, d.reason), 0) + 1
                 plan = replace(plan, decisions=decisions, deferred=MappingProxyType(deferred))
             with self._lock:
                 self._last_plan = plan

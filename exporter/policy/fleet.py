@@ -43,6 +43,8 @@ from .config import Fleet
 from .decide import FleetView
 
 log = logging.getLogger("exporter.policy.fleet")
+_kazoo_log = logging.getLogger("exporter.policy.fleet.kazoo")
+_kazoo_log.setLevel(logging.INFO)  # kazoo's debug log is every request and answer
 
 MAX_HOST_ID = 253  # a DNS name
 MAX_PASSWORD_BYTES = 4096
@@ -136,10 +138,10 @@ def make_client(config: Fleet):
         kw.update(use_ssl=True, verify_certs=config.tls.verify, ca=config.tls.ca_file,
                   certfile=config.tls.cert_file, keyfile=config.tls.key_file)
     return KazooClient(
-        hosts=config.zookeeper, timeout=config.session_timeout,
+        hosts=config.zookeeper, timeout=config.session_timeout, logger=_kazoo_log,
         # Reconnect for ever (ZooKeeper may be down for long); a command is never retried: the
         # caller decides again on the next evaluation.
-        connection_retry=KazooRetry(max_tries=-1, delay=0.2, backoff=2, max_delay=5.0),
+        connection_retry=KazooRetry(max_tries=-1, delay=0.2, backoff=2, max_delay=2.0),
         command_retry=KazooRetry(max_tries=0, deadline=config.timeout),
         **kw)
 
