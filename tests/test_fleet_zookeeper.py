@@ -234,3 +234,122 @@ def test_digest_auth_leases_are_readable_by_all_and_writable_by_their_user(zooke
     finally:
         c.stop()
         c.close()
+
+
+# ------------------------------------------------------------------ the engine with a real budget
+
+
+def fleet_policy(tmp_path, zk, cap: int = 1, name: str = "policy.yaml", **fleet) -> str:
+    import yaml
+
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump({
+        "rules": [{"name": "all", "action": {"pull": {}}}],
+        "limits": {"max_concurrent": 10},
+        "fleet": {"zookeeper": zk.hosts, "path": PATH, "max_concurrent": cap, "session_timeout": "2s",
+                  "timeout": "2s", "host_lost_after": "10s", **fleet}}))
+    return str(f)
+
+
+@pytest.fixture
+def engines():
+    made = []
+
+    def make(path, host_id, host=None, enforcing=True):
+        from exporter.policy.engine import PolicyEngine
+        from test_policy_engine import Clock, FakeHost, plenty
+
+        clock = Clock()
+        host = host or FakeHost()
+        e = PolicyEngine(path, enforcing, host, clock=clock, now=clock.now, space=plenty, host_id=host_id)
+        e.start()
+        made.append(e)
+        return e, host
+
+    yield make
+    for e in made:
+        e.stop()
+
+
+def settle(engine, snapshot, until, timeout=15.0):
+    """Evaluate until ``until(plan)``: the budget is read asynchronously, as in the exporter."""
+    def attempt():
+        engine._host.given = snapshot
+        plan = engine.evaluate_and_act(snapshot)
+        return plan if until(plan) else None
+    return vmlib.wait_for(attempt, timeout=timeout, interval=0.2, what="engine decision")
+
+
+def test_the_engine_takes_a_lease_per_start_releases_it_at_the_outcome_and_takes_pulls_back(
+        zookeeper, engines, tmp_path):
+    from test_policy_engine import disk, job, snap
+
+    path = fleet_policy(tmp_path, zookeeper, cap=1)
+    e, host = engines(path, "host-a")
+    s = snap([disk("a"), disk("b")])
+    plan = settle(e, s, lambda p: p.starts)
+    assert [(d.domain, d.action, d.reason) for d in plan.decisions] == [("a", "start", "start"),
+                                                                      ("b", "defer", "fleet")]
+    assert plan.decisions[1].detail == "1 fleet leases taken >= fleet max_concurrent 1"
+    assert host.calls == [("start_pull", "a", "vda", 0)]
+    assert lease_nodes(zookeeper) == [lease_name("host-a", ("a", "vda"))]
+    families = {f.name: f for f in e.metric_families()}
+    assert families["libvirt_blockjob_policy_fleet_connected"].samples[0].value == 1
+    assert families["libvirt_blockjob_policy_fleet_max_concurrent"].samples[0].value == 1
+    vmlib.wait_for(lambda: e.fleet.held() == 1, timeout=5, what="held lease seen")
+
+    # The exporter restarts while the pull runs: a new engine, same host id, takes it back.
+    e.stop()
+    running = snap([disk("a"), disk("b")], jobs=[job("a")])
+    e2, host2 = engines(path, "host-a")
+    host2.view = running
+    plan = settle(e2, running, lambda p: e2.history().disks.get(("a", "vda")) is not None
+                  and e2.fleet.view().usable)
+    assert e2.history().disks[("a", "vda")].running
+    assert [(d.domain, d.reason) for d in plan.decisions] == [("a", "active_job"), ("b", "fleet")]
+    assert lease_nodes(zookeeper) == [lease_name("host-a", ("a", "vda"))]
+    assert host2.calls == []
+
+    # Its outcome is counted: the lease goes and the next disk gets it.
+    e2.on_outcome("a", "vda", "pull", "completed", time.time())
+    flat = snap([disk("a", chain=()), disk("b")])
+    host2.view = flat
+    plan = settle(e2, flat, lambda p: p.starts)
+    assert [(d.domain, d.action) for d in plan.decisions] == [("b", "start")]
+    assert lease_nodes(zookeeper) == [lease_name("host-a", ("b", "vda"))]
+
+
+def test_a_failed_start_gives_its_lease_back_and_a_reload_cannot_change_the_fleet(zookeeper, engines, tmp_path):
+    from test_policy_engine import FakeHost, disk, snap
+
+    path = fleet_policy(tmp_path, zookeeper, cap=1)
+    e, host = engines(path, "host-a", host=FakeHost(fail={"start_pull"}))
+    plan = settle(e, snap([disk("a")]), lambda p: p.decisions and p.decisions[0].error)
+    assert plan.decisions[0].action == "start"
+    vmlib.wait_for(lambda: lease_nodes(zookeeper) == [], timeout=10, what="lease of the failed start released")
+    changed = fleet_policy(tmp_path, zookeeper, cap=5)
+    assert changed == path
+    assert not e.reload()
+    assert e.policy.fleet.max_concurrent == 1
+
+
+def test_plan_shows_the_budget_without_taking_a_lease(zookeeper, budgets, tmp_path):
+    import io
+    from datetime import datetime, timezone
+
+    from exporter.policy.commands import policy_plan
+    from test_policy_engine import MONDAY_2AM, disk, plenty, snap
+
+    a, na = budgets(zookeeper, "host-a")
+    usable(a)
+    adopt(a, na)
+    assert a.acquire(("x", "vda"), "r")[0]
+    path = fleet_policy(tmp_path, zookeeper, cap=2)
+    out = io.StringIO()
+    now = datetime.fromtimestamp(MONDAY_2AM, tz=timezone.utc)
+    assert policy_plan(path, snap([disk("p"), disk("q")]), now=now, space=plenty, out=out) == 0
+    text = out.getvalue()
+    assert "Fleet budget: 1 of 2 leases taken across the fleet, 1 free (read now; no lease taken)" in text
+    rows = {ln.split()[0]: ln.split()[3:6] for ln in text.splitlines() if ln.startswith(("p ", "q "))}
+    assert rows == {"p": ["would", "start", "dry_run"], "q": ["defer", "fleet", "2"]}
+    assert lease_nodes(zookeeper) == [lease_name("host-a", ("x", "vda"))]

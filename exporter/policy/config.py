@@ -429,7 +429,7 @@ def zk_connect_problem(text: str) -> str | None:
     if len(text) > MAX_CONNECT:
         return f"longer than {MAX_CONNECT} characters"
     hosts, slash, chroot = text.partition("/")
-    if slash and chroot:
+    if slash:
         problem = zk_path_problem("/" + chroot)
         if problem:
             return f"chroot: {problem}"
