@@ -15,7 +15,6 @@ import pytest
 import vmlib
 from exporter.policy.config import Fleet, FleetDigest
 from exporter.policy.fleet import FleetBudget, lease_name, read_fleet_view
-from zklib import zookeeper  # noqa: F401 - fixture
 
 PATH = "/lbje-test/pulls"
 

@@ -19,7 +19,6 @@ budget kept ours at 2, and its ``fleet`` deferrals show it.
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
@@ -31,7 +30,6 @@ import yaml
 
 import vmlib
 from exporterlib import Exporter
-from zklib import zookeeper  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.libvirt
 

@@ -99,13 +99,3 @@ class ZooKeeper:
         c.start(timeout=10)
         return c
 
-
-@pytest.fixture
-def zookeeper():
-    zk = ZooKeeper()
-    try:
-        yield zk
-    finally:
-        problems = zk.close()
-        if problems:
-            pytest.fail("zookeeper cleanup left: " + "; ".join(problems), pytrace=False)

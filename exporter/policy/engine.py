@@ -20,8 +20,7 @@ from exporter.durations import format_duration
 from exporter.model import DiskKey, Snapshot
 
 from .config import Policy, PolicyError, load_policy
-from .decide import (DEFER_REASONS, Decision, DiskHistory, FleetView, History, Matches, Plan, SpaceFn, evaluate,
-                     match_disks)
+from .decide import DEFER_REASONS, Decision, DiskHistory, History, Matches, Plan, SpaceFn, evaluate, match_disks
 from .space import estimate_space
 
 log = logging.getLogger("exporter.policy")
