@@ -1,21 +1,35 @@
-# libvirt-blockjob-exporter container image. Build with BuildKit (the default since Docker 23):
+# libvirt-blockjob-exporter container image. Build with BuildKit (the default since Docker 23) or
+# podman:
 #   docker build -t libvirt-blockjob-exporter .
 #
 # The exporter talks to the host's libvirtd over its UNIX socket, so that socket must be mounted
-# into the container and the container's user (uid 10001) must be allowed to use it. Mount the
-# directory rather than the socket file, so a libvirtd restart (which recreates the socket) does
-# not leave a stale mount:
+# into the container. Mount the directory rather than the socket file, so a libvirtd restart
+# (which recreates the socket) does not leave a stale mount; a volume keeps the state file:
 #
-#   docker run -d --name libvirt-blockjob-exporter -p 9478:9478 \
+#   docker run -d --name libvirt-blockjob-exporter -p 9478:9478 --cap-drop=ALL \
 #     -v /var/run/libvirt:/var/run/libvirt:ro \
+#     -v libvirt-blockjob-exporter:/var/lib/libvirt-blockjob-exporter \
 #     libvirt-blockjob-exporter
 #
-# The read-only socket /var/run/libvirt/libvirt-sock-ro is world-accessible with libvirtd's
-# defaults (unix_sock_ro_perms = "0777"), which is all the exporter needs unless its policy is
-# enforcing. An enforcing policy opens the read-write socket /var/run/libvirt/libvirt-sock
-# (mode 0770, group libvirt on Debian): add that group with
-# `--group-add "$(getent group libvirt | cut -d: -f3)"` and check auth_unix_rw in libvirtd.conf.
-# With modular daemons, the sockets are virtqemud-sock-ro / virtqemud-sock in the same directory.
+# The container runs as uid 10001, gid 10001 (user and group `exporter`), and the HOST must know
+# both: libvirtd looks every client's uid and gid up in the host's user database and refuses the
+# connection otherwise ("Failed to find user record for uid '10001'"). Create them on the host
+# once (any name will do):
+#   groupadd --system --gid 10001 libvirt-blockjob-exporter
+#   useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+#     --shell /usr/sbin/nologin libvirt-blockjob-exporter
+# or run the container as an existing host user with --user UID:GID (then give it a state volume
+# it can write, or --state.file=). It needs no capabilities.
+#
+# The read-only socket /var/run/libvirt/libvirt-sock-ro then admits it on Debian: libvirtd asks
+# polkit, whose org.libvirt.unix.monitor action allows any local user. A libvirtd that cannot
+# reach polkit (no D-Bus system bus) admits only root unless libvirtd.conf sets
+# auth_unix_ro = "none". An enforcing policy (--policy.enforce) opens the read-write socket
+# /var/run/libvirt/libvirt-sock: on Debian polkit grants it to members of the host's `libvirt`
+# group, looked up in the host's group database (`adduser libvirt-blockjob-exporter libvirt`);
+# a libvirtd that restricts the socket itself (unix_sock_group = "libvirt", unix_sock_rw_perms =
+# "0770") also needs `--group-add "$(getent group libvirt | cut -d: -f3)"`. With modular
+# daemons, the sockets are virtqemud-sock-ro / virtqemud-sock in the same directory.
 
 FROM python:3.11-slim-bookworm AS builder
 # Debian replaces package versions in place with security updates, so exact pins would break
@@ -43,7 +57,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 exporter \
  && useradd --system --uid 10001 --gid exporter --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin exporter
+      --shell /usr/sbin/nologin exporter \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/libvirt-blockjob-exporter
 # Bind-mount the wheels so they never become a layer of the final image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels /wheels/*.whl

@@ -110,8 +110,12 @@ class Churn:
             vmlib.add_layer(vm, f"layer{self.layers[vm.name]}")
         return True
 
+    def candidates(self) -> list:
+        """The domains the schedule acts on."""
+        return self.vms
+
     def step(self) -> None:
-        vm = self.rng.choice(self.vms)
+        vm = self.rng.choice(self.candidates())
         action = self.rng.choices(["capped", "quick", "abort", "destroy", "kill"], [4, 4, 2, 1, 1])[0]
         if vm.label == "enospc":
             action = "quick"
@@ -144,7 +148,7 @@ class Churn:
 
     def restart_libvirtd(self, while_ending: bool) -> None:
         if while_ending:  # a pull that ends while libvirtd is away
-            vm = next((v for v in self.vms if v.label != "enospc" and self._ready_to_pull(v)), None)
+            vm = next((v for v in self.candidates() if v.label != "enospc" and self._ready_to_pull(v)), None)
             if vm is not None:
                 vmlib.start_pull(vm, "vda", bandwidth_bytes=16 * MiB)
                 time.sleep(1)
@@ -167,7 +171,19 @@ class Churn:
                 vmlib.wait_no_job(vm, timeout=120)
 
 
-def compare(exporter: Exporter, witness: Counter, churn: Churn) -> tuple[list, list[str]]:
+def counted_by(scrape) -> tuple[Counter, Counter]:
+    """(counted, inferred) per (domain, outcome) in one scrape."""
+    counted, inferred = Counter(), Counter()
+    for outcome in OUTCOMES:
+        for labels, value in scrape.series(f"libvirt_blockjob_{outcome}_total").items():
+            counted[(dict(labels)["domain"], outcome)] += value
+        for labels, value in scrape.series("libvirt_blockjob_outcomes_inferred_total", outcome=outcome).items():
+            inferred[(dict(labels)["domain"], outcome)] += value
+    return counted, inferred
+
+
+def compare(exporter: Exporter, witness: Counter, churn: Churn,
+            earlier: tuple[Counter, Counter] = (Counter(), Counter())) -> tuple[list, list[str]]:
     """Per outcome: (outcome, reported, ended unreported, counted, of which from events, inferred),
     and the domains whose figures cannot be explained.
 
@@ -175,16 +191,16 @@ def compare(exporter: Exporter, witness: Counter, churn: Churn) -> tuple[list, l
     every reported and every unreported end is counted once and with its outcome,
     R + U <= counted <= R + U + A, and no event is counted that libvirt did not report,
     R - A <= from events <= R. A covers an end that libvirt re-reported after its restart to one
-    observer and not the other; an end counted with the wrong outcome shows as a shortfall."""
-    scrape = exporter.scrape()
+    observer and not the other; an end counted with the wrong outcome shows as a shortfall.
+    ``earlier`` adds what an exporter killed during the run had counted (``counted_by``)."""
+    now_counted, now_inferred = counted_by(exporter.scrape())
     totals = {o: Counter() for o in OUTCOMES}
     bad = []
     for vm in churn.vms:
         name, away = vm.name, churn.away[vm.name]
         for outcome in OUTCOMES:
-            counted = sum(scrape.series(f"libvirt_blockjob_{outcome}_total", domain=name).values())
-            inferred = sum(scrape.series("libvirt_blockjob_outcomes_inferred_total", domain=name,
-                                         outcome=outcome).values())
+            counted = now_counted[(name, outcome)] + earlier[0][(name, outcome)]
+            inferred = now_inferred[(name, outcome)] + earlier[1][(name, outcome)]
             r, u = witness[(name, outcome)], churn.unreported[(name, outcome)]
             row = {"reported": r, "unreported": u, "counted": counted, "events": counted - inferred,
                    "inferred": inferred}

@@ -13,6 +13,7 @@ memory, so vmlib's 48 MiB guests are kept.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -32,6 +33,36 @@ PREFIX = "lbje-bench-"
 vmlib.NAME_PREFIX = PREFIX
 
 CRAWL_BYTES_PER_S = 1  # QEMU copies one 512 KiB chunk, then the job waits (stays active)
+LIBVIRTD_PATIENCE = 180.0  # how long cleanup waits out a libvirtd restart (another test run's)
+
+
+def _virsh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-c", vmlib.URI, *args], capture_output=True, text=True, timeout=120)
+
+
+def domain_exists(name: str) -> bool | None:
+    """Whether libvirt knows ``name``; None when libvirtd does not answer (being restarted)."""
+    try:
+        res = _virsh("domstate", name)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode == 0:
+        return True
+    return False if "failed to get domain" in res.stderr else None
+
+
+def wait_libvirtd(timeout: float) -> bool:
+    """Until libvirtd answers (True), or ``timeout`` seconds (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if _virsh("list", "--name").returncode == 0:
+                return True
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(2)
 
 
 class Fleet:
@@ -109,12 +140,15 @@ class Fleet:
             return vm, active
         raise RuntimeError(f"cannot create bench domain {index}: {last}")
 
-    def rebuild(self, total_disks: int, active_total: int, active_stride: int) -> float:
-        """Replace every domain by one with more disks (thin overlays on the shared base), so the
-        same number of domains holds ``total_disks`` disks. Hot-plugging instead is not possible:
-        vmlib's domains have no ACPI, so QEMU's pci.0 refuses device_add. Returns the seconds."""
+    def rebuild(self, total_disks: int, active_total: int, count: int | None = None) -> float:
+        """Replace every domain: ``count`` domains (default: as many as now) holding
+        ``total_disks`` disks between them (thin overlays on the shared base), the disks spread
+        evenly; every ``count // active_total``-th gets a crawling pull on ``vda``. Hot-plugging
+        instead is not possible: vmlib's domains have no ACPI, so QEMU's pci.0 refuses
+        device_add. Returns the seconds."""
         started = time.monotonic()
-        count = len(self.vms)
+        count = count or len(self.vms)
+        active_stride = max(1, count // max(1, active_total))
         old, self.vms, self.active = self.vms, [], []
         self._parallel(lambda vm: vmlib.destroy(vm, missing_ok=True), old, workers=16)
         if self._extra_dir is None:
@@ -129,6 +163,16 @@ class Fleet:
             if active:
                 self.active.append(vm)
         return time.monotonic() - started
+
+    def qemu_pids(self) -> list[int]:
+        """The QEMU processes of our domains (for their CPU; other domains are not read)."""
+        pids = []
+        for vm in self.vms:
+            try:
+                pids.append(vmlib.qemu_pid(vm))
+            except (OSError, ValueError):
+                pass
+        return pids
 
     def set_bandwidth(self, vms, bytes_per_s: int) -> None:
         self._parallel(lambda vm: vmlib.set_bandwidth(vm, "vda", bytes_per_s), list(vms))
@@ -147,13 +191,52 @@ class Fleet:
             pool.shutdown(wait=True)
 
     def cleanup(self) -> list[str]:
+        """Removes every domain, image and directory we made; returns the problems.
+
+        Our domains go first, here, waiting out a libvirtd that does not answer (other test runs
+        on the host restart it): vmlib's cleanup takes a domain libvirtd cannot be asked about
+        for one already gone, and would then delete its images under a running QEMU."""
         with self._lock:
             self.created.extend(n for n in self.factory.names if n not in self.created)
         self.vms = []
         self.active = []
-        return self.factory.cleanup()
+        stuck = self._remove_domains(sorted(set(self.created)))
+        problems = [f"{name}: libvirtd did not answer for {LIBVIRTD_PATIENCE:.0f}s; not removed" for name in stuck]
+        return problems + self.factory.cleanup()
+
+    def _remove_domains(self, names: list[str]) -> list[str]:
+        """``virsh destroy`` (our domains are transient: that removes them) side by side until
+        libvirt no longer knows them; the names it could not be asked about in time."""
+        def remove(name: str) -> str | None:
+            if not name.startswith(PREFIX):  # never a foreign domain (vmlib's guard too)
+                return None
+            exists = domain_exists(name)
+            if exists:
+                _virsh("destroy", name)
+                exists = domain_exists(name)
+            return None if exists is False else name
+
+        pending = names
+        deadline = time.monotonic() + LIBVIRTD_PATIENCE
+        while pending:
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                pending = [n for n in pool.map(remove, pending) if n is not None]
+            if not pending or time.monotonic() >= deadline:
+                break
+            self.log(f"{len(pending)} domains not removed yet (libvirtd not answering?); retrying")
+            wait_libvirtd(max(0.0, deadline - time.monotonic()))
+        return pending
 
     def leftovers(self) -> list[str]:
-        """Names we created that libvirt still knows (should be empty after cleanup)."""
-        existing = set(vmlib.list_domains())
-        return sorted(n for n in set(self.created) | set(self.factory.names) if n in existing)
+        """Names we created that libvirt still knows (should be empty after cleanup); every
+        name if libvirtd does not answer."""
+        names = set(self.created) | set(self.factory.names)
+        for _attempt in range(3):
+            if not wait_libvirtd(LIBVIRTD_PATIENCE):
+                break
+            try:
+                existing = set(vmlib.list_domains())
+            except vmlib.CommandError:  # restarted again in between
+                continue
+            return sorted(n for n in names if n in existing)
+        return sorted(names)

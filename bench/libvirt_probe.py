@@ -88,6 +88,24 @@ class Probe:
             pairs.extend((dom, name, d.disk) for d in disks)
         return pairs
 
+    def floor_pairs(self, pairs: list[tuple[libvirt.virDomain, str, str]],
+                    calls_per_cycle: float) -> tuple[list[tuple[libvirt.virDomain, str, str]], int]:
+        """The disks one floor pass reads: as many calls as the exporter makes per cycle.
+
+        Without a call budget that is every disk. With one, the exporter reads every disk with
+        a job and a slice of the others each cycle, so the floor reads every disk with a job
+        (libvirtd asks QEMU only about those: the costly calls) and the first others up to the
+        same count. Returns (those disks, how many of them have a job)."""
+        with_job, without = [], []
+        with self.event_loop.held():
+            for pair in pairs:
+                try:
+                    (with_job if pair[0].blockJobInfo(pair[2], FLAGS) else without).append(pair)
+                except libvirt.libvirtError:
+                    without.append(pair)
+        others = max(0, min(len(without), round(calls_per_cycle) - len(with_job)))
+        return with_job + without[:others], len(with_job)
+
     def floor(self, pairs: list[tuple[libvirt.virDomain, str, str]]) -> tuple[float, int]:
         """One bare pass of ``blockJobInfo`` over ``pairs``: (seconds, failed calls)."""
         errors = 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import gzip
-import http.client
+import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -13,12 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fleet import vmlib  # tests/vmlib.py, put on the path (and set up) by the fleet module
+from bench.scraping import scrape
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN_PACKAGE = "prometheus-libvirt-exporter"
@@ -51,120 +51,74 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # fields 14 and 15 of proc(5)
 
 
+def libvirtd_pid() -> int | None:
+    """libvirtd's pid (its pid file, else ``pidof``), or None when it is not running."""
+    candidates: list[int] = []
+    for pidfile in ("/var/run/libvirtd.pid", "/run/libvirtd.pid"):
+        try:
+            candidates.append(int(Path(pidfile).read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
+    res = subprocess.run(["pidof", "libvirtd"], capture_output=True, text=True)
+    candidates.extend(int(x) for x in res.stdout.split())
+    for pid in candidates:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd":
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+class CPUWindow:
+    """CPU time of a fixed set of processes between ``start()`` and ``stop()``, as % of one core.
+
+    A process that went away (or was replaced: libvirtd restarted by another test run on the
+    host) spoils the window: the figure is NaN and ``problem`` says why.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self._start: dict[int, tuple[float, str]] = {}
+        self._t0 = 0.0
+        self.problem = ""
+
+    @staticmethod
+    def _identity(pid: int) -> str:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # starttime: tells a new process apart
+
+    def start(self) -> "CPUWindow":
+        self._start = {}
+        for pid in self.pids:
+            try:
+                self._start[pid] = (cpu_seconds(pid), self._identity(pid))
+            except OSError:
+                self.problem = f"process {pid} gone before the window"
+        self._t0 = time.monotonic()
+        return self
+
+    def stop(self) -> float:
+        elapsed = time.monotonic() - self._t0
+        total = 0.0
+        for pid, (cpu0, ident) in self._start.items():
+            try:
+                if self._identity(pid) != ident:
+                    raise OSError("replaced")
+                total += cpu_seconds(pid) - cpu0
+            except OSError:
+                self.problem = f"process {pid} went away or was replaced during the window"
+        if self.problem or not self._start:
+            return float("nan")
+        return 100.0 * total / elapsed
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-# ---------------------------------------------------------------------------------------- HTTP
-
-
-@dataclass(frozen=True)
-class Scrape:
-    seconds: float
-    wire_bytes: int  # body as sent (gzip when asked for and given)
-    body: bytes  # decompressed
-
-
-def scrape(port: int, *, path: str = "/metrics", use_gzip: bool = True, timeout: float = 60.0) -> Scrape:
-    """One scrape on a fresh connection, as Prometheus' first request of a target is: new TCP
-    connection, ``Accept-Encoding: gzip``. Timed from connect to the last body byte.
-
-    A plain socket client: it sends the request and reads until the body is complete (by
-    ``Content-Length`` or the last chunk); the response is parsed and decompressed after the
-    clock stops. Python's ``http.client`` adds about 1 ms of its own parsing to every scrape,
-    which would be counted as the exporter's; Prometheus' Go client does not add that.
-    """
-    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-               "Accept: text/plain;version=0.0.4;q=1,*/*;q=0.1\r\n"
-               + ("Accept-Encoding: gzip\r\n" if use_gzip else "") + "\r\n").encode("ascii")
-    started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(request)
-        raw = _read_response(sock)
-        seconds = time.perf_counter() - started
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        payload = _dechunk(payload)
-    elif "content-length" in headers:
-        payload = payload[: int(headers["content-length"])]
-    if status != 200:
-        raise RuntimeError(f"GET :{port}{path} -> {status}: {payload[:200]!r}")
-    body = gzip.decompress(payload) if headers.get("content-encoding") == "gzip" else payload
-    return Scrape(seconds, len(payload), body)
-
-
-def _read_response(sock: socket.socket) -> bytes:
-    """Bytes until the response is complete: Content-Length reached, the last chunk, or EOF."""
-    buffer = bytearray()
-    expected: int | None = None
-    chunked = False
-    while True:
-        data = sock.recv(1 << 18)
-        if not data:
-            return bytes(buffer)
-        buffer += data
-        if expected is None and not chunked:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                continue
-            head = bytes(buffer[:end]).lower()
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip() == b"content-length":
-                    expected = end + 4 + int(value)
-                elif name.strip() == b"transfer-encoding" and b"chunked" in value:
-                    chunked = True
-        if expected is not None and len(buffer) >= expected:
-            return bytes(buffer)
-        if chunked and buffer.endswith(b"\r\n0\r\n\r\n"):
-            return bytes(buffer)
-
-
-def _dechunk(payload: bytes) -> bytes:
-    out = bytearray()
-    position = 0
-    while True:
-        line_end = payload.index(b"\r\n", position)
-        size = int(payload[position:line_end].split(b";")[0], 16)
-        if size == 0:
-            return bytes(out)
-        out += payload[line_end + 2: line_end + 2 + size]
-        position = line_end + 2 + size + 2
-
-
-class KeepAliveScraper:
-    """Plain scrapes on one kept-alive connection: for tight loops that watch a value."""
-
-    def __init__(self, port: int, path: str = "/metrics") -> None:
-        self.port = port
-        self.path = path
-        self._conn: http.client.HTTPConnection | None = None
-
-    def get(self) -> bytes:
-        for attempt in range(2):
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-            try:
-                self._conn.request("GET", self.path)
-                return self._conn.getresponse().read()
-            except (OSError, http.client.HTTPException):
-                self._conn.close()
-                self._conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
 
 
 class Metrics:
@@ -185,32 +139,6 @@ class Metrics:
 
     def series(self, name: str) -> dict[frozenset, float]:
         return {lbls: value for (n, lbls), value in self.samples.items() if n == name}
-
-
-def sample_value(body: bytes, name: str, **labels: str) -> float | None:
-    """Value of the sample ``name{labels}`` in an exposition, whatever the label order."""
-    head = b"\n" + name.encode() + b"{"
-    pairs = [f'{k}="{v}"'.encode() for k, v in labels.items()]
-    at = body.find(head)
-    while at >= 0:
-        end = body.find(b"\n", at + 1)
-        line = body[at + 1:end if end >= 0 else None]
-        close = line.rfind(b"}")
-        label_text = line[len(head) - 1:close]
-        if len(label_text.split(b'",')) == len(pairs) and all(p in label_text for p in pairs):
-            return float(line[close + 1:].split()[0])
-        at = body.find(head, at + 1)
-    return None
-
-
-def line_value(body: bytes, prefix: bytes) -> float | None:
-    """Value of the first exposition line starting with ``prefix`` (name plus ``{labels}``)."""
-    at = body.find(b"\n" + prefix)
-    if at < 0:
-        return None
-    start = at + 1 + len(prefix)
-    end = body.find(b"\n", start)
-    return float(body[start:end if end >= 0 else None].split()[0])
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -259,14 +187,24 @@ class Served:
 
 
 class OurExporter(Served):
-    """``python -m exporter`` with its defaults (1 s poll), on a loopback port."""
+    """``python -m exporter`` with its defaults (1 s poll), on a loopback port and with a state
+    file of its own; ``call_budget`` sets ``--poll.call-budget`` (None: the exporter's default)."""
 
     name = "ours"
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, call_budget: int | None = None) -> None:
         port = free_port()
+        budget = [] if call_budget is None else [f"--poll.call-budget={call_budget}"]
+        # A state file of its own (the default path is the host's): no row inherits the jobs of
+        # the one before, nothing is left on the host.
+        self.state_dir = tempfile.mkdtemp(prefix="lbje-bench-state-")
         super().__init__([sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}",
-                          f"--libvirt.uri={uri}"], port, cwd=REPO, env={**os.environ})
+                          f"--libvirt.uri={uri}", f"--state.file={self.state_dir}/state.json", *budget],
+                         port, cwd=REPO, env={**os.environ})
+
+    def remove_log(self) -> None:
+        super().remove_log()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 class DebianExporter(Served):
@@ -275,6 +213,51 @@ class DebianExporter(Served):
     def __init__(self, binary: str, uri: str) -> None:
         port = free_port()
         super().__init__([binary, f"--libvirt.uri={uri}", f"--web.listen-address=127.0.0.1:{port}"], port)
+
+
+class Checker:
+    """The external checker (``bench.checker``): a separate process that scrapes back to back on a
+    fresh connection each time, as a user's monitoring would. Being another process, its loop
+    shares no GIL with the benchmark's event callback, whose time it is compared with."""
+
+    def __init__(self, port: int, use_gzip: bool = True) -> None:
+        argv = [sys.executable, "-m", "bench.checker", str(port)] + ([] if use_gzip else ["--no-gzip"])
+        self._timeout = 30.0
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                                     preexec_fn=_die_with_parent)
+
+    def _reply(self, timeout: float) -> dict:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the checker did not answer within {timeout}s (exit {self.proc.poll()})")
+        return json.loads(line)
+
+    def watch(self, name: str, labels: dict, timeout: float = 30.0) -> dict:
+        """Starts a watch of sample ``name{labels}``: returns once the checker has its value
+        (``before``) and is scraping back to back; ``seen()`` then waits for it to go up."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"name": name, "labels": labels, "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        self._timeout = timeout
+        return self._reply(30.0)
+
+    def seen(self) -> dict:
+        reply = self._reply(self._timeout + 30.0)
+        if "seen" not in reply:
+            raise TimeoutError(f"the checker never saw the value go up: {reply}")
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        vmlib.stop_process(self.proc, 5.0)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def debian_version() -> str:

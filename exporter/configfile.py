@@ -1,13 +1,9 @@
 """The one loader of our YAML files: the policy, the web config and the alert thresholds.
 
-It is hand-written over PyYAML's node tree rather than pydantic models because every message
-needs a line, which a node carries and a validated dict does not, and because the files depend on
-YAML tags a loaded dict has lost (unquoted ``22:30`` is a base-60 integer but means a time); see
-docs/policy.md#errors.
-
-Bounds, each a ``FILE:LINE: message`` and never a traceback: MAX_BYTES read at most, MAX_DEPTH
-levels, MAX_NODES values (an alias counts its whole subtree at every use), the first MAX_PROBLEMS
-problems; an exception while reading a value becomes a problem on that value's line.
+Hand-written over PyYAML's node tree because every message needs a line, which a node carries and a
+loaded dict does not, and because a loaded dict has lost tags the files depend on (unquoted ``22:30``
+is a base-60 integer but means a time); see docs/policy.md#errors. Every bound below, and an exception
+while reading a value, gives a ``FILE[:LINE]: message``, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,14 +14,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, TypeVar
 
 import yaml
+from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .durations import parse_duration
 
-MAX_BYTES = 1 << 20
+MAX_BYTES = 1 << 20  # read at most (and one more byte to tell)
 MAX_DEPTH = 32
-MAX_NODES = 20_000  # about 1.5 s of pure-Python parsing at worst
-MAX_PROBLEMS = 100
+MAX_NODES = 20_000  # bounds the time of pure-Python parsing; an alias counts its subtree at every use
+MAX_PROBLEMS = 100  # listed; the rest are counted
 
 STR = "tag:yaml.org,2002:str"
 INT = "tag:yaml.org,2002:int"
@@ -47,9 +44,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        if self.line is None:
-            return f"{self.file}: {self.message}"
-        return f"{self.file}:{self.line}: {self.message}"
+        return f"{self.file}: {self.message}" if self.line is None else f"{self.file}:{self.line}: {self.message}"
 
 
 class ConfigError(Exception):
@@ -57,10 +52,7 @@ class ConfigError(Exception):
 
     def __init__(self, problems: Iterable[Problem]):
         self.problems = list(problems)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return "\n".join(str(p) for p in self.problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 def short(value: str) -> str:
@@ -86,32 +78,28 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
-        self._depth = 0
-        self._count = 0
+        self._depth = self._count = 0
         self._sizes: dict[int, int] = {}  # id(node) -> values in its subtree, once composed
 
-    def _bound(self, mark) -> None:
+    def _add(self, values: int, mark) -> None:
+        self._count += values
         if self._count > MAX_NODES:
-            raise yaml.composer.ComposerError(
-                None, None, f"more than {MAX_NODES} values (an alias counts everything it repeats)", mark)
+            message = f"more than {MAX_NODES} values (an alias counts everything it repeats)"
+            raise ComposerError(None, None, message, mark)
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            node = super().compose_node(parent, index)
-            size = self._sizes.get(id(node))
-            if size is None:
-                raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it", mark)
-            self._count += size
-            self._bound(mark)
-            return node
         mark = self.peek_event().start_mark
-        self._depth += 1
-        if self._depth > MAX_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._sizes:
+                raise ComposerError(None, None, "an alias refers to a value that contains it", mark)
+            self._add(self._sizes[id(node)], mark)
+            return node
+        if self._depth >= MAX_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
         start = self._count
-        self._count += 1
-        self._bound(mark)
+        self._add(1, mark)
+        self._depth += 1
         try:
             node = super().compose_node(parent, index)
         finally:
@@ -177,9 +165,7 @@ class Reader:
     # -- reporting
 
     def _line(self, where: Node | int | None) -> int | None:
-        if isinstance(where, Node):
-            return where.start_mark.line + 1
-        return where
+        return where.start_mark.line + 1 if isinstance(where, Node) else where
 
     def error(self, where: Node | int | None, message: str) -> None:
         if len(self.problems) < MAX_PROBLEMS:
@@ -188,9 +174,13 @@ class Reader:
             self.omitted += 1
 
     @property
-    def count(self) -> int:
-        """Problems found so far, kept or not."""
+    def count(self) -> int:  # problems found so far, kept or not
         return len(self.problems) + self.omitted
+
+    def absent(self, where: Node | int | None, message: str):
+        """ABSENT, for an accessor to return after reporting ``message``."""
+        self.error(where, message)
+        return ABSENT
 
     def warn(self, where: Node | int | None, message: str) -> None:
         self.warnings.append(str(Problem(self.path, self._line(where), message)))
@@ -270,13 +260,12 @@ class Reader:
         """The constructed value of a scalar with one of ``tags``."""
         self.at = node
         if not isinstance(node, ScalarNode) or node.tag not in tags:
-            self.error(node, f"{where}: expected {expected}, got {describe(node, self.echo)}")
-            return ABSENT
+            return self.absent(node, f"{where}: expected {expected}, got {describe(node, self.echo)}")
         try:
             return self._ctor.construct_object(node, deep=True)
         except Exception as e:  # ValueError for a 5,000-digit integer, bad dates, ...
-            self.error(node, f"{where}: cannot read value {short(node.value)}: {getattr(e, 'problem', None) or e}")
-            return ABSENT
+            why = getattr(e, "problem", None) or e
+            return self.absent(node, f"{where}: cannot read value {short(node.value)}: {why}")
 
     def string(self, node: Node, where: str):
         return self.scalar(node, where, (STR,), "a string")
@@ -289,11 +278,9 @@ class Reader:
         if value is ABSENT:
             return ABSENT
         if value < minimum:
-            self.error(node, f"{where}: must be an integer >= {minimum}, got {value}")
-            return ABSENT
+            return self.absent(node, f"{where}: must be an integer >= {minimum}, got {value}")
         if value > maximum:
-            self.error(node, f"{where}: must be an integer <= {maximum}, got {short(node.value)}")
-            return ABSENT
+            return self.absent(node, f"{where}: must be an integer <= {maximum}, got {short(node.value)}")
         return value
 
     def number(self, node: Node, where: str, minimum: float, maximum: float, why: str = ""):
@@ -302,11 +289,9 @@ class Reader:
             return ABSENT
         value = math.inf if isinstance(value, int) and abs(value) > 1e300 else float(value)
         if not value >= minimum:  # NaN too
-            self.error(node, f"{where}: must be a number >= {minimum}{why}, got {short(node.value)}")
-            return ABSENT
+            return self.absent(node, f"{where}: must be a number >= {minimum}{why}, got {short(node.value)}")
         if value > maximum:
-            self.error(node, f"{where}: must be a number <= {maximum:g}, got {short(node.value)}")
-            return ABSENT
+            return self.absent(node, f"{where}: must be a number <= {maximum:g}, got {short(node.value)}")
         return value
 
     def duration(self, node: Node, where: str, maximum: float):
@@ -315,17 +300,15 @@ class Reader:
         if isinstance(node, ScalarNode) and node.tag == INT:
             if node.value.strip() == "0":
                 return 0.0
-            self.error(node, f"{where}: duration {short(node.value)} needs a unit, e.g. "
-                       f"{node.value[:20]}s or {node.value[:20]}m")
-            return ABSENT
+            number = node.value[:20]
+            return self.absent(node, f"{where}: duration {short(node.value)} needs a unit, e.g. {number}s or {number}m")
         if not (isinstance(node, ScalarNode) and node.tag == STR):
-            self.error(node, f"{where}: expected a duration such as 30s or 1.5m, got {describe(node, self.echo)}")
-            return ABSENT
+            got = describe(node, self.echo)
+            return self.absent(node, f"{where}: expected a duration such as 30s or 1.5m, got {got}")
         try:
             return parse_duration(node.value, maximum)
         except ValueError as e:
-            self.error(node, f"{where}: {e}")
-            return ABSENT
+            return self.absent(node, f"{where}: {e}")
 
 
 def load(path: str, what: str, walk: Callable[[Reader, Node | None], T],

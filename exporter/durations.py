@@ -11,7 +11,6 @@ import re
 
 UNITS = {"y": 31536000.0, "w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0,
          "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
-_ORDER = {"y": 0, "w": 1, "d": 2, "h": 3, "m": 4, "s": 5, "ms": 6, "us": 7, "µs": 7, "μs": 7, "ns": 8}
 _PART = re.compile(r"(\d{1,20}(?:\.\d{1,20})?)(ms|us|µs|μs|ns|y|w|d|h|m|s)")
 _EXAMPLE = "a number and a unit (ms, s, m, h, d, w, y) from largest to smallest, such as 500ms, 1.5m, 1h30m"
 
@@ -24,13 +23,13 @@ def parse_duration(text: str, maximum: float) -> float:
         raise ValueError(f"bad duration {shown!r}: must not be negative")
     if value == "0":
         return 0.0
-    position, total, last = 0, 0.0, -1
+    position, total, last = 0, 0.0, float("inf")  # units strictly from largest to smallest
     for match in _PART.finditer(value):
-        order = _ORDER[match.group(2)]
-        if match.start() != position or order <= last:
+        size = UNITS[match.group(2)]
+        if match.start() != position or size >= last:
             break
-        total += float(match.group(1)) * UNITS[match.group(2)]
-        position, last = match.end(), order
+        total += float(match.group(1)) * size
+        position, last = match.end(), size
     if position != len(value) or position == 0:
         raise ValueError(f"bad duration {shown!r}: expected {_EXAMPLE}")
     if total > maximum:

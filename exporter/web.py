@@ -1,30 +1,22 @@
-"""The exporter's HTTP face: landing page, telemetry, health; read-only by design.
+"""The exporter's HTTP face: landing page, telemetry, health; GET and HEAD only, read-only by design.
 
-Served by uvicorn's h11 protocol on one asyncio event loop in a thread of its own: an idle or slow
-client costs a file descriptor and a few KiB, not a thread (README, "HTTP server"). uvicorn and h11
-parse HTTP/1.1 (keep-alive, ``Connection`` token lists, pipelining, bodies, a 400 status line for
-garbage). What they leave out is added here, per connection:
+uvicorn's h11 protocol serves on one asyncio event loop in a thread of its own, so an idle or slow
+client costs a file descriptor, not a thread (README, "HTTP server"). What uvicorn and h11 leave
+out is added here, per connection:
 
-- a 10 s deadline for the request headers, armed when the TCP connection opens (before any TLS
-  handshake) and again when a kept-alive connection starts its next request, disarmed once h11
-  has the whole head; a client that trickles is cut off however slowly it sends;
-- a cap on open connections (at most the open-file limit less a reserve): one more is answered
-  503 (plain HTTP) or closed (TLS) at once; the soft ``RLIMIT_NOFILE`` is raised to the hard limit
-  at start, and an ``accept()`` that still fails for want of descriptors pauses accepting for 1 s
-  and is logged once (``_Listener``: asyncio's own accept loop multiplies its retries);
-- at most 64 KiB of request line and headers, answered 431 beyond (h11 bounds only a head that
-  is still incomplete, so it is never fed more than that);
-- a client that stops reading an answer (more than the transport's 64 KiB buffer) for 10 s is
-  cut off, so slow readers cannot pile up unsent answers;
-- plain HTTP sent to the TLS port gets Go's plain-text 400 answer (the TLS layer is asyncio's
-  ``SSLProtocol``, driven here so that it can answer before the handshake).
+- HEADER_TIMEOUT_SECONDS for the whole request head, from TCP open (TLS handshake included) or from
+  a kept-alive request's first byte, however slowly the client trickles;
+- MAX_HEADER_BYTES of head, answered 431 beyond (h11 bounds only a head still incomplete);
+- a cap on open connections below the open-file limit (one more: 503, or closed under TLS); the
+  soft RLIMIT_NOFILE is raised to the hard one, and an ``accept()`` that still fails pauses
+  accepting a second, logged once (asyncio's own accept loop multiplies its retries);
+- WRITE_TIMEOUT_SECONDS for a client that stops reading an answer, so unsent answers cannot pile up;
+- Go's plain-text 400 answer to plain HTTP on the TLS port.
 
-The web config file is re-read when it changes (its stat is checked on every request): users,
-headers and the rate limit apply to the next request, TLS settings to the next connection;
-certificate, key and client CA files are watched the same way (on each new connection). A file
-that no longer loads is logged and the previous config kept. Turning TLS on or off needs a restart.
-
-Only GET and HEAD are served; there is no control action over HTTP.
+The web config file and the certificates it names are re-read when their stat changes (checked on
+each request and each new connection); users, headers and the rate limit apply to the next request,
+TLS settings to the next connection. A file that no longer loads is logged and the previous config
+kept. Turning TLS on or off needs a restart.
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import functools
 import gzip
 import hashlib
 import hmac
@@ -71,7 +64,7 @@ WRITE_TIMEOUT_SECONDS = 10.0  # a client that stops reading an answer for this l
 IDLE_TIMEOUT_SECONDS = 120.0  # between requests: longer than common scrape intervals, so keep-alive is reused
 MAX_CONNECTIONS = 4096
 FD_RESERVE = 64  # descriptors kept for libvirt, logs, certificates
-GZIP_LEVEL = 1  # text metrics compress ~10x even at level 1, at a fraction of level 9's CPU
+GZIP_LEVEL = 1  # metrics text compresses well even at level 1, for a fraction of level 9's CPU
 DECOY_COST = 10  # exporter-toolkit's decoy hash cost
 _AUTH_CACHE_SIZE = 256
 
@@ -88,10 +81,9 @@ Exposition = Callable[[str | None, Sequence[str]], tuple[bytes, str]]
 class _BasicAuth:
     """bcrypt verification with exporter-toolkit's protections.
 
-    An unknown user is checked against a decoy hash made once at start at a fixed cost, so timing
-    tells little about which users exist. Successful (user, password) pairs are remembered under
-    an HMAC with a per-process key, so a scrape does not pay bcrypt each time, reads the cache
-    without a lock and no fast password hash is kept. bcrypt runs in a worker thread, one at a
+    An unknown user is checked against a decoy hash, so timing tells little about which users
+    exist. Logins that passed are cached under an HMAC with a per-process key: a scrape does not pay
+    bcrypt each time and no fast password hash is kept. bcrypt runs in a worker thread, one at a
     time, so a flood of bad passwords burns one core, never the event loop or a cached login.
     """
 
@@ -154,52 +146,40 @@ class _RateLimiter:
         return False
 
 
-def _stamp(paths: Sequence[str]) -> tuple:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
+def _stat(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
 
 class _Settings:
     """The web config in force; see the module docstring for when it is re-read."""
 
     def __init__(self, cfg: WebConfig | None) -> None:
-        self.cfg = cfg
         # Made once, here, whatever the users' costs: never on a request, never under a lock.
         self._decoy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(DECOY_COST)) if cfg else b""
         self.tls: ssl.SSLContext | None = build_ssl_context(cfg)  # a bad certificate fails start-up
-        self._stamp = self._files()
         self.limiter: _RateLimiter | None = None
-        self._apply(cfg)
+        self._apply(cfg or WebConfig())  # without a path, never re-read
 
-    def _files(self) -> tuple | None:
-        if self.cfg is None or not self.cfg.path:
-            return None
+    def _files(self) -> tuple:
         tls = self.cfg.tls_server_config
-        return _stamp([self.cfg.path, *(tls.watched_files if tls else ())])
+        return tuple(_stat(p) for p in (self.cfg.path, *(tls.watched_files if tls else ())))
 
-    def _apply(self, cfg: WebConfig | None) -> None:
-        http_cfg = cfg.http_server_config if cfg else None
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in
-                        (http_cfg.headers if http_cfg else ())]
-        users = cfg.basic_auth_users if cfg else ()
-        self.auth = _BasicAuth(users, self._decoy) if users else None
-        rl = cfg.rate_limit if cfg else None
-        if rl is None:
-            self.limiter = None
-        elif self.limiter is None or self.limiter.params != (rl.interval_seconds, rl.burst):
-            self.limiter = _RateLimiter(rl.interval_seconds, rl.burst)
+    def _apply(self, cfg: WebConfig) -> None:
+        self.cfg = cfg
+        self._stamp = self._files()
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in cfg.http_server_config.headers]
+        self.auth = _BasicAuth(cfg.basic_auth_users, self._decoy) if cfg.basic_auth_users else None
+        rl = cfg.rate_limit
+        if rl is None or self.limiter is None or self.limiter.params != (rl.interval_seconds, rl.burst):
+            self.limiter = None if rl is None else _RateLimiter(rl.interval_seconds, rl.burst)
 
     def refresh(self) -> None:
         """Re-read the config (and certificates) if a file changed since the last look."""
-        if self._stamp is None or self.cfg is None:
-            return
-        stamp = self._files()
+        stamp = self._files() if self.cfg.path else self._stamp
         if stamp == self._stamp:
             return
         self._stamp = stamp
@@ -211,39 +191,31 @@ class _Settings:
         except (WebConfigError, OSError, ssl.SSLError) as e:
             log.error("web config or TLS files changed but cannot be used; keeping the previous ones:\n%s", e)
             return
-        self.cfg, self.tls = cfg, tls
-        self._stamp = self._files()
+        self.tls = tls
         self._apply(cfg)
         log.info("web config %s reloaded", cfg.path)
 
 
 class _Listener:
-    """The accept loop: asyncio's own retries a failed ``accept()`` once per queued connection
-    (up to the backlog, 2048 under uvicorn) and each retry schedules another, so on EMFILE its
-    timers multiply; here accepting pauses for 1 s, once, and the first failure is logged."""
+    """The accept loop. asyncio's own retries a failed ``accept()`` once per queued connection and
+    each retry schedules another, so on EMFILE its timers multiply; here accepting pauses for a
+    second and the first failure is logged."""
 
-    def __init__(self, face: "WebServer", sock: socket.socket, limit: int) -> None:
-        self._face = face
-        self._sock = sock
+    def __init__(self, face: "WebServer", sock: socket.socket, limit: int, loop: asyncio.AbstractEventLoop,
+                 factory: Callable[[], asyncio.Protocol]) -> None:
+        self._face, self._sock, self._loop, self._factory = face, sock, loop, factory
         self.limit = limit
         self.count = 0  # connections accepted and not yet lost
         self.open: set[asyncio.BaseTransport] = set()
         self._refusing = False
         self._out_of_fds_logged = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._factory: Callable[[], asyncio.Protocol] | None = None
-
-    def start(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol]) -> None:
-        self._loop, self._factory = loop, factory
-        loop.add_reader(self._sock, self._accept)
+        loop.add_reader(sock, self._accept)
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self._sock)
+        self._loop.remove_reader(self._sock)
 
     def _accept(self) -> None:
         loop = self._loop
-        assert loop is not None
         for _ in range(128):
             try:
                 conn, _ = self._sock.accept()
@@ -260,8 +232,7 @@ class _Listener:
             if self.count >= self.limit:
                 if not self._refusing:
                     self._refusing = True
-                    log.warning("%d connections open, the most allowed; refusing new ones until some "
-                                "close", self.limit)
+                    log.warning("%d connections open, the most allowed; refusing new ones until some close", self.limit)
                 if self._face.settings.tls is None:
                     with contextlib.suppress(OSError):
                         conn.send(_TOO_MANY)
@@ -270,13 +241,11 @@ class _Listener:
             self._refusing = False
             self.count += 1
             conn.setblocking(False)
-            # uvicorn writes the head and the body apart: without this, Nagle and delayed ACKs
-            # add 40 ms to every kept-alive request.
+            # uvicorn writes head and body apart: without this, delayed ACKs hold up kept-alive answers.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             loop.create_task(self._connect(conn))
 
     async def _connect(self, conn: socket.socket) -> None:
-        assert self._loop is not None and self._factory is not None
         try:
             await self._loop.connect_accepted_socket(self._factory, conn)
         except Exception as e:  # the client went away at once
@@ -300,7 +269,7 @@ class _HTTP(H11Protocol):
     def opened(self, raw: asyncio.BaseTransport) -> None:
         self._raw = raw
         self._face.listener.open.add(raw)
-        self._arm()
+        self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._too_slow)
 
     def closed(self) -> None:
         self._disarm()
@@ -310,9 +279,6 @@ class _HTTP(H11Protocol):
             self._face.listener.open.discard(self._raw)
             self._face.listener.count -= 1
             self._raw = None
-
-    def _arm(self) -> None:
-        self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -328,7 +294,7 @@ class _HTTP(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self._raw is None:  # plain HTTP
             self.opened(transport)
-        tls = self._face.settings.cfg.tls_server_config if self._face.settings.cfg else None
+        tls = self._face.settings.cfg.tls_server_config
         if tls is not None and not client_cert_allowed(tls, transport.get_extra_info("peercert")):
             log.debug("client certificate has no allowed SAN; closing")
             transport.abort()
@@ -361,8 +327,8 @@ class _HTTP(H11Protocol):
         if state is not h11.IDLE:  # a body, or a pipelined request behind the one being answered
             super().data_received(data)
             return
-        if self._deadline is None:
-            self._arm()  # the next request on a kept-alive connection
+        if self._deadline is None:  # the next request on a kept-alive connection
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._too_slow)
         # h11 bounds only an incomplete head: feed it no more than the bound of any head.
         room = MAX_HEADER_BYTES - self._head_bytes
         head, rest = data[:room], data[room:]
@@ -403,15 +369,9 @@ class _TLS(sslproto.SSLProtocol):
         super()._on_handshake_complete(handshake_exc)
 
 
-_date: tuple[int, bytes] = (0, b"")
-
-
-def _http_date() -> bytes:
-    global _date
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, formatdate(now, usegmt=True).encode("ascii"))
-    return _date[1]
+@functools.lru_cache(maxsize=1)
+def _http_date(now: int) -> bytes:
+    return formatdate(now, usegmt=True).encode("ascii")
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
@@ -454,8 +414,6 @@ class WebServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
-    # ------------------------------------------------------------------ ASGI application
-
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         settings = self.settings
         settings.refresh()
@@ -473,7 +431,7 @@ class WebServer:
 
         async def respond(status: int, body: bytes, content_type: bytes, more: Sequence = ()) -> None:
             await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"date", _http_date()), (b"content-type", content_type),
+                        "headers": [(b"date", _http_date(int(time.time()))), (b"content-type", content_type),
                                     (b"content-length", str(len(body)).encode()), *more, *extra]})
             await send({"type": "http.response.body", "body": body})
 
@@ -510,8 +468,6 @@ class WebServer:
             return await respond(200, b"OK", text)
         return await respond(404, b"404 page not found\n", text)
 
-    # ------------------------------------------------------------------ life cycle
-
     def _protocol(self, config: uvicorn.Config, state: ServerState, loop: asyncio.AbstractEventLoop) -> asyncio.Protocol:
         http = _HTTP(self, config=config, server_state=state, app_state={}, _loop=loop)
         self.settings.refresh()
@@ -528,7 +484,6 @@ class WebServer:
         except OSError as e:
             raise OSError(e.errno, f"cannot listen on {self.listen_address}: {e.strerror or e}") from e
         cap = self.max_connections if limit is None else max(1, min(self.max_connections, limit - FD_RESERVE))
-        self.listener = _Listener(self, sock, cap)
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("uvicorn.error").setLevel(logging.ERROR)  # one line per bad request otherwise
         # uvicorn's protocol parses and answers. Not its Server: that wakes ten times a second to
@@ -540,22 +495,20 @@ class WebServer:
         config.load()
         self._sock = sock
         started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(config, started), name="web-server",
+        self._thread = threading.Thread(target=self._serve, args=(sock, config, cap, started), name="web-server",
                                         daemon=True)
         self._thread.start()
         started.wait(10)
         log.info("listening on %s (%s), at most %d connections", self.listen_address,
                  "https" if self.settings.tls else "http", cap)
 
-    def _serve(self, config: uvicorn.Config, started: threading.Event) -> None:
-        listener = self.listener
-        assert listener is not None
+    def _serve(self, sock: socket.socket, config: uvicorn.Config, cap: int, started: threading.Event) -> None:
         state = ServerState()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop, self._stop = loop, asyncio.Event()
         try:
-            listener.start(loop, lambda: self._protocol(config, state, loop))
+            self.listener = listener = _Listener(self, sock, cap, loop, lambda: self._protocol(config, state, loop))
             started.set()
             loop.run_until_complete(self._stop.wait())
             listener.stop()
@@ -641,8 +594,7 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ValueError(f"listen address {address!r}: put an IPv6 address in brackets, "
-                         "e.g. [::1]:9478")
+        raise ValueError(f"listen address {address!r}: put an IPv6 address in brackets, e.g. [::1]:9478")
     if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
         raise ValueError(f"listen address {address!r}: port must be a number from 0 to 65535")
     return host, int(port_s)
@@ -651,11 +603,10 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 def _landing_page(title: str, version: str, telemetry_path: str,
                   links: Sequence[tuple[str, str]]) -> bytes:
     e = html.escape
-    items: list[tuple[str, str]] = []
+    items: dict[str, str] = {}
     for href, text in [(telemetry_path, "Metrics"), *links, (HEALTH_PATH, "Health")]:
-        if all(href != h for h, _ in items):  # a caller's own link to /-/healthy is not doubled
-            items.append((href, text))
-    lis = "\n".join(f'<li><a href="{e(h, quote=True)}">{e(t)}</a></li>' for h, t in items)
+        items.setdefault(href, text)  # a caller's own link to /-/healthy is not doubled
+    lis = "\n".join(f'<li><a href="{e(h, quote=True)}">{e(t)}</a></li>' for h, t in items.items())
     ver = f"<p>Version: {e(version)}</p>\n" if version else ""
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

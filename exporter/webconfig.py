@@ -1,27 +1,12 @@
 """``--web.config.file`` in prometheus/exporter-toolkit's format.
 
-Users already write this file for node_exporter and friends, so we read the same keys with the
-same meaning and reject what exporter-toolkit rejects. Options Python's ``ssl`` module cannot
-honour are errors, not silent downgrades:
-
-- ``curve_preferences``: Python cannot set a curve preference list.
-- ``client_auth_type: RequestClientCert``, ``RequireAnyClientCert`` (and its old alias
-  ``RequireClientCert``): OpenSSL cannot ask for or demand a certificate without verifying it;
-  use ``VerifyClientCertIfGiven`` or ``RequireAndVerifyClientCert`` with a client CA.
-
-Accepted with a warning in ``WebConfig.warnings`` (also logged at WARNING when loading):
-
-- ``http_server_config.http2: true``: the server speaks HTTP/1.1 only (clients fall back to it).
-- Client verification without any client CA uses the system's CAs, as Go does.
-- ``TLS10``/``TLS11``: allowed, but OpenSSL 3's default security level may still refuse them.
-- TLS 1.3 names in ``cipher_suites``: ignored, as Go ignores them.
-
-Header values must be characters HTTP can carry; basic-auth hashes are checked with bcrypt itself
-(an invalid salt is a load error, not a failed login).
-
-Every problem in the file is reported at once, each as ``FILE:LINE: message``; a problem with the
-file as a whole (unreadable) is ``FILE: message``. Relative paths are resolved against the
-directory of the config file, as exporter-toolkit does. Secrets are never echoed in messages.
+Users already write this file for node_exporter and friends, so we read the same keys with the same
+meaning and reject what exporter-toolkit rejects. What Python's ``ssl`` cannot honour is an error,
+not a silent downgrade (``curve_preferences``; a client certificate asked for or required without
+being verified); what we honour only in part is a warning in ``WebConfig.warnings``, logged at load.
+A value that would fail later (a header HTTP cannot carry, a bcrypt hash with a bad salt) is a load
+error too. Relative paths are resolved against the config file's directory, as exporter-toolkit
+does. Secrets are never echoed in messages.
 """
 
 from __future__ import annotations
@@ -42,21 +27,15 @@ from .configfile import ABSENT, ConfigError, Reader, describe, is_null, load
 
 log = logging.getLogger(__name__)
 
-CLIENT_AUTH_TYPES = (
-    "NoClientCert",
-    "RequestClientCert",
-    "RequireAnyClientCert",
-    "VerifyClientCertIfGiven",
-    "RequireAndVerifyClientCert",
-)
+CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven",
+                     "RequireAndVerifyClientCert")
 _CLIENT_AUTH_ALIASES = {"RequireClientCert": "RequireAnyClientCert"}  # kept by exporter-toolkit
+# The other two CLIENT_AUTH_TYPES are load errors (see the module docstring).
+_VERIFY_MODES = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+                 "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}
 
-TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
-    "TLS12": ssl.TLSVersion.TLSv1_2,
-    "TLS13": ssl.TLSVersion.TLSv1_3,
-}
+TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
+                                              "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 
 # Go's tls.CipherSuites() names (what exporter-toolkit accepts) -> OpenSSL names.
 # None marks TLS 1.3 suites, which neither Go nor OpenSSL's cipher list lets you choose.
@@ -84,16 +63,12 @@ CURVES = ("CurveP256", "CurveP384", "CurveP521", "X25519")
 
 # exporter-toolkit only lets these headers be set, some only to these values.
 HEADERS: Mapping[str, tuple[str, ...]] = {
-    "Strict-Transport-Security": (),
-    "X-Content-Type-Options": ("nosniff",),
-    "X-Frame-Options": ("deny", "sameorigin"),
-    "X-XSS-Protection": (),
-    "Content-Security-Policy": (),
-}
+    "Strict-Transport-Security": (), "X-Content-Type-Options": ("nosniff",), "X-Frame-Options": ("deny", "sameorigin"),
+    "X-XSS-Protection": (), "Content-Security-Policy": ()}
 
-# What golang.org/x/crypto/bcrypt and Python's bcrypt both verify.
 # RFC 9110 field-value characters (h11 checks the same): visible ASCII, space, tab, obs-text.
 _HEADER_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# What golang.org/x/crypto/bcrypt and Python's bcrypt both verify.
 _BCRYPT_RE = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
 MAX_RATE_INTERVAL = 86400.0
 MAX_BURST = 1_000_000
@@ -105,9 +80,6 @@ class WebConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
 
 
 @dataclass(frozen=True)
@@ -126,7 +98,6 @@ class TLSServerConfig:
     max_version: str = "TLS13"
     cipher_suites: tuple[str, ...] = ()
     prefer_server_cipher_suites: bool = True
-    curve_preferences: tuple[str, ...] = ()
 
     @property
     def watched_files(self) -> tuple[str, ...]:
@@ -156,20 +127,14 @@ class WebConfig:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
-# --------------------------------------------------------------------------- loading
-
-
 class _Reader(Reader):
     """The shared reader with Go's yaml.v2 leniencies: any scalar is a string, ``<<`` merges."""
 
     echo = False  # a value in the wrong place may be a password or a key
-    is_null = staticmethod(is_null)
 
-    def describe(self, node: yaml.Node) -> str:
-        return describe(node, echo=False)
-
-    def mapping(self, node: yaml.Node | None, name: str) -> list[tuple[str, yaml.Node, yaml.Node]] | None:
-        return super().mapping(node, name, merge=True, any_scalar_key=True)
+    def mapping(self, node: yaml.Node | None, name: str,
+                allowed: tuple[str, ...] | None = None) -> list[tuple[str, yaml.Node, yaml.Node]] | None:
+        return super().mapping(node, name, allowed, merge=True, any_scalar_key=True)
 
     def string(self, node: yaml.Node, name: str) -> str | None:
         """Any scalar as written (Go's yaml.v2 also takes ``0`` for a string); None when null."""
@@ -179,10 +144,6 @@ class _Reader(Reader):
             self.error(node, f"{name}: expected a string, got {describe(node, False)}")
             return None
         return node.value
-
-    def boolean(self, node: yaml.Node, name: str) -> bool | None:
-        value = super().boolean(node, name)
-        return None if value is ABSENT else value
 
     def string_list(self, node: yaml.Node, name: str) -> list[tuple[str, yaml.Node]] | None:
         if is_null(node):
@@ -199,12 +160,18 @@ class _Reader(Reader):
                 self.error(item, f"{name}: empty list item")
         return out
 
+    def one_of(self, node: yaml.Node, name: str, value: str, choices: Mapping[str, Any] | tuple[str, ...],
+               what: str = "invalid value") -> bool:
+        if value in choices:
+            return True
+        self.error(node, f"{name}: {what} {value!r}; expected one of " + ", ".join(choices))
+        return False
+
 
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     """Read, check and freeze a web config file, or raise ``WebConfigError`` listing every problem.
 
-    Certificates and keys are loaded once here so that a bad pair is reported at start-up with
-    the line that named it, not on the first scrape.
+    Certificates and keys are loaded here too, so that a bad one is reported with its line.
     """
     spath = os.fspath(path)
     base = os.path.dirname(os.path.abspath(spath))
@@ -217,243 +184,174 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     return cfg
 
 
-_TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit")
-
-
 def _read_root(r: _Reader, root: yaml.Node | None, base: str) -> WebConfig:
-    pairs = r.mapping(root, "web config")
-    sections: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-    for key, knode, vnode in pairs or []:
-        if key not in _TOP_KEYS:
-            r.unknown_key(knode, key, "web config", _TOP_KEYS)
-        else:
-            sections[key] = (knode, vnode)
-
-    tls = None
-    if "tls_server_config" in sections:
-        tls = _read_tls(r, *sections["tls_server_config"], base)
-    http = HTTPServerConfig()
-    if "http_server_config" in sections:
-        http = _read_http(r, sections["http_server_config"][1]) or http
-    users: tuple[tuple[str, str], ...] = ()
-    if "basic_auth_users" in sections:
-        users = _read_users(r, sections["basic_auth_users"][1])
-    rate = None
-    if "rate_limit" in sections:
-        rate = _read_rate_limit(r, sections["rate_limit"][1])
-    return WebConfig(path=r.path, tls_server_config=tls, http_server_config=http,
-                     basic_auth_users=users, rate_limit=rate, warnings=tuple(r.warnings))
+    pairs = r.mapping(root, "web config", ("tls_server_config", "http_server_config", "basic_auth_users",
+                                           "rate_limit")) or ()
+    knodes = {key: knode for key, knode, _ in pairs}
+    nodes = {key: vnode for key, _, vnode in pairs}  # an absent section reads as a null one: its defaults
+    tls = _read_tls(r, knodes.get("tls_server_config"), nodes.get("tls_server_config"), base)
+    http = _read_http(r, nodes.get("http_server_config"))
+    users = _read_users(r, nodes.get("basic_auth_users"))
+    rate = _read_rate_limit(r, nodes.get("rate_limit"))
+    return WebConfig(path=r.path, tls_server_config=tls, http_server_config=http, basic_auth_users=users,
+                     rate_limit=rate, warnings=tuple(r.warnings))
 
 
-_TLS_KEYS = ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type",
-             "client_ca_file", "client_allowed_sans", "min_version", "max_version",
-             "cipher_suites", "prefer_server_cipher_suites", "curve_preferences")
+_TLS_KEYS = ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type", "client_ca_file",
+             "client_allowed_sans", "min_version", "max_version", "cipher_suites", "prefer_server_cipher_suites",
+             "curve_preferences")
+_TLS_PEMS = ("cert", "key", "client_ca")
+_TLS_FILES = ("cert_file", "key_file", "client_ca_file")  # in the same order as _TLS_PEMS
 
 
-def _join(base: str, p: str) -> str:
-    return p if os.path.isabs(p) else os.path.join(base, p)
-
-
-def _read_tls(r: _Reader, section_knode: yaml.Node, node: yaml.Node, base: str) -> TLSServerConfig | None:
+def _read_tls(r: _Reader, section_knode: yaml.Node | None, node: yaml.Node | None,
+              base: str) -> TLSServerConfig | None:
     pairs = r.mapping(node, "tls_server_config")
-    if pairs is None:
-        return None
     v: dict[str, Any] = {}
     at: dict[str, yaml.Node] = {}  # key -> key node, for messages about the key as a whole
     n_problems = r.count
 
-    for key, knode, vnode in pairs:
+    for key, knode, vnode in pairs or ():
         name = f"tls_server_config.{key}"
         at[key] = knode
-        if key in ("cert", "key", "client_ca", "cert_file", "key_file", "client_ca_file"):
+        if key in _TLS_PEMS or key in _TLS_FILES:
             s = r.string(vnode, name)
             if s:  # empty means unset, as in Go
-                v[key] = _join(base, s) if key.endswith("_file") else s
+                v[key] = os.path.join(base, s) if key in _TLS_FILES else s  # join keeps an absolute path
         elif key == "client_auth_type":
             s = r.string(vnode, name)
-            if s:
-                s2 = _CLIENT_AUTH_ALIASES.get(s, s)
-                if s2 not in CLIENT_AUTH_TYPES:
-                    r.error(vnode, f"{name}: invalid value {s!r}; expected one of "
-                            + ", ".join(CLIENT_AUTH_TYPES))
-                else:
-                    v[key] = s2
+            if s and r.one_of(vnode, name, _CLIENT_AUTH_ALIASES.get(s, s), CLIENT_AUTH_TYPES):
+                v[key] = _CLIENT_AUTH_ALIASES.get(s, s)
         elif key in ("min_version", "max_version"):
             s = r.string(vnode, name)
-            if s is not None:
-                if s not in TLS_VERSIONS:
-                    r.error(vnode, f"{name}: unknown TLS version {s!r}; expected one of "
-                            + ", ".join(TLS_VERSIONS))
-                else:
-                    v[key] = s
-        elif key == "cipher_suites":
-            items = r.string_list(vnode, name)
-            if items is not None:
-                names = []
-                for s, inode in items:
-                    if s not in CIPHER_SUITES:
-                        r.error(inode, f"{name}: unknown cipher suite {s!r}; expected Go names "
-                                "from tls.CipherSuites(), e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256")
-                    else:
-                        if CIPHER_SUITES[s] is None:
-                            r.warn(inode, f"{name}: {s} is a TLS 1.3 suite, which cannot be "
-                                   "chosen (Go ignores it too)")
-                        names.append(s)
-                v[key] = tuple(names)
-        elif key == "curve_preferences":
-            items = r.string_list(vnode, name)
-            if items is not None:
-                bad = False
-                for s, inode in items:
-                    if s not in CURVES:
-                        bad = True
-                        r.error(inode, f"{name}: unknown curve {s!r}; expected one of "
-                                + ", ".join(CURVES))
-                if items and not bad:
-                    r.error(knode, f"{name}: cannot be honoured; Python's ssl module cannot set a "
-                            "curve preference list (remove it to use OpenSSL's default groups)")
-                v[key] = tuple(s for s, _ in items)
+            if s is not None and r.one_of(vnode, name, s, TLS_VERSIONS, "unknown TLS version"):
+                v[key] = s
         elif key == "prefer_server_cipher_suites":
             b = r.boolean(vnode, name)
-            if b is not None:
+            if b is not ABSENT:
                 v[key] = b
+        elif key == "cipher_suites":
+            items = r.string_list(vnode, name)
+            for s, inode in items or ():
+                if s not in CIPHER_SUITES:
+                    r.error(inode, f"{name}: unknown cipher suite {s!r}; expected Go names from tls.CipherSuites(), "
+                            "e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256")
+                elif CIPHER_SUITES[s] is None:
+                    r.warn(inode, f"{name}: {s} is a TLS 1.3 suite, which cannot be chosen (Go ignores it too)")
+            if items is not None:
+                v[key] = tuple(s for s, _ in items if s in CIPHER_SUITES)
         elif key == "client_allowed_sans":
             items = r.string_list(vnode, name)
             if items is not None:
                 v[key] = tuple(s for s, _ in items)
+        elif key == "curve_preferences":  # any curve is an error, so none is ever kept
+            items = r.string_list(vnode, name) or []
+            for s, inode in items:
+                if s not in CURVES:
+                    r.error(inode, f"{name}: unknown curve {s!r}; expected one of " + ", ".join(CURVES))
+            if items and all(s in CURVES for s, _ in items):
+                r.error(knode, f"{name}: cannot be honoured; Python's ssl module cannot set a curve preference list "
+                        "(remove it to use OpenSSL's default groups)")
         else:
             r.unknown_key(knode, key, "tls_server_config", _TLS_KEYS)
 
-    cfg = TLSServerConfig(**v)
-    enabled = any(k in v for k in ("cert", "key", "client_ca", "cert_file", "key_file",
-                                   "client_ca_file", "client_auth_type"))
-    if not enabled:
-        if pairs and r.count == n_problems:
-            r.warn(section_knode, "tls_server_config has no certificate, key, client CA or "
-                   "client_auth_type, so TLS stays off and its other settings are ignored")
+    # What turns TLS on; the first of them, in the order exporter-toolkit checks, names a missing part.
+    given = [k for k in ("cert_file", "cert", "key_file", "key", "client_ca_file", "client_ca", "client_auth_type")
+             if k in v]
+    if not given:
+        if pairs:
+            r.warn(section_knode, "tls_server_config has no certificate, key, client CA or client_auth_type, so TLS "
+                   "stays off and its other settings are ignored")
         return None
 
-    for fkey in ("cert_file", "key_file", "client_ca_file"):
-        if fkey in v:
-            try:
-                with open(v[fkey], "rb"):
-                    pass
-            except OSError as e:
-                r.error(at[fkey], f"tls_server_config.{fkey} {v[fkey]!r}: cannot read: "
-                        f"{e.strerror or e}")
+    def problem(key: str, message: str) -> None:
+        r.error(at.get(key) or section_knode, message)
 
-    # Cross-field checks, in the order exporter-toolkit makes them.
-    given = [k for k in ("cert_file", "cert", "key_file", "key", "client_ca_file", "client_ca",
-                         "client_auth_type") if k in v]
+    for key in _TLS_FILES:
+        if key in v:
+            _readable(key, v[key], problem)
+
+    cfg = TLSServerConfig(**v)
     if "cert_file" not in v and "cert" not in v:
-        r.error(at[given[0]], f"tls_server_config: {given[0]} is set but there is no certificate "
-                "(set cert_file, or cert)")
+        problem(given[0], f"tls_server_config: {given[0]} is set but there is no certificate (set cert_file, or cert)")
     if "key_file" not in v and "key" not in v:
-        first = "cert_file" if "cert_file" in v else given[0]
-        r.error(at[first], f"tls_server_config: {first} is set but there is no key "
-                "(set key_file, or key)")
-    for inline, fname in (("cert", "cert_file"), ("key", "key_file"), ("client_ca", "client_ca_file")):
+        problem(given[0], f"tls_server_config: {given[0]} is set but there is no key (set key_file, or key)")
+    for inline, fname in zip(_TLS_PEMS, _TLS_FILES):
         if inline in v and fname in v:
-            r.warn(at[inline], f"tls_server_config: both {inline} and {fname} are set; "
-                   f"{fname} is used, as in exporter-toolkit")
+            r.warn(at[inline], f"tls_server_config: both {inline} and {fname} are set; {fname} is used, as in "
+                   "exporter-toolkit")
     auth = cfg.client_auth_type
     has_ca = bool(cfg.client_ca_file or cfg.client_ca)
     if has_ca and auth == "NoClientCert":
-        r.error(at.get("client_ca_file") or at.get("client_ca"),
-                "tls_server_config: a client CA is set but client_auth_type is NoClientCert; "
-                "set client_auth_type: RequireAndVerifyClientCert")
+        r.error(at.get("client_ca_file") or at.get("client_ca"), "tls_server_config: a client CA is set but "
+                "client_auth_type is NoClientCert; set client_auth_type: RequireAndVerifyClientCert")
     if auth in ("RequestClientCert", "RequireAnyClientCert"):
-        r.error(at["client_auth_type"], f"tls_server_config.client_auth_type: {auth} cannot be "
-                "honoured: Python's ssl module cannot ask for a client certificate without "
-                "verifying it; use VerifyClientCertIfGiven or RequireAndVerifyClientCert with "
-                "client_ca_file")
+        problem("client_auth_type", f"tls_server_config.client_auth_type: {auth} cannot be honoured: Python's ssl "
+                "module cannot ask for a client certificate without verifying it; use VerifyClientCertIfGiven or "
+                "RequireAndVerifyClientCert with client_ca_file")
     if auth in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and not has_ca:
-        r.warn(at["client_auth_type"], "tls_server_config: no client_ca_file, so client "
-               "certificates are verified against the system's CAs")
-    if cfg.client_allowed_sans is not None and auth not in ("RequireAnyClientCert",
-                                                            "RequireAndVerifyClientCert"):
-        r.error(at["client_allowed_sans"], "tls_server_config.client_allowed_sans requires "
-                "client_auth_type RequireAnyClientCert or RequireAndVerifyClientCert")
+        r.warn(at["client_auth_type"], "tls_server_config: no client_ca_file, so client certificates are verified "
+               "against the system's CAs")
+    if cfg.client_allowed_sans is not None and auth not in ("RequireAnyClientCert", "RequireAndVerifyClientCert"):
+        problem("client_allowed_sans", "tls_server_config.client_allowed_sans requires client_auth_type "
+                "RequireAnyClientCert or RequireAndVerifyClientCert")
     if TLS_VERSIONS[cfg.min_version] > TLS_VERSIONS[cfg.max_version]:
         r.error(at.get("min_version") or at.get("max_version"),
-                f"tls_server_config: min_version {cfg.min_version} is above max_version "
-                f"{cfg.max_version}")
+                f"tls_server_config: min_version {cfg.min_version} is above max_version {cfg.max_version}")
     if TLS_VERSIONS[cfg.min_version] < ssl.TLSVersion.TLSv1_2:
-        r.warn(at.get("min_version"), f"tls_server_config.min_version {cfg.min_version}: "
-               "OpenSSL's default security level may still refuse TLS below 1.2")
-
-    if r.count == n_problems:
-        # Load the files now so a bad certificate is reported with its line.
-        def problem(key: str, msg: str) -> None:
-            r.error(at.get(key) or section_knode, msg)
+        r.warn(at.get("min_version"), f"tls_server_config.min_version {cfg.min_version}: OpenSSL's default security "
+               "level may still refuse TLS below 1.2")
+    if r.count == n_problems:  # load the files now, so that a bad certificate is reported with its line
         _make_context(cfg, problem)
     return cfg
 
 
-_HTTP_KEYS = ("http2", "headers")
-
-
-def _read_http(r: _Reader, node: yaml.Node) -> HTTPServerConfig | None:
-    pairs = r.mapping(node, "http_server_config")
-    if pairs is None:
-        return None
+def _read_http(r: _Reader, node: yaml.Node | None) -> HTTPServerConfig:
     http2 = True
     headers: list[tuple[str, str]] = []
-    for key, knode, vnode in pairs:
+    for key, knode, vnode in r.mapping(node, "http_server_config") or ():
         if key == "http2":
             b = r.boolean(vnode, "http_server_config.http2")
-            if b is not None:
-                http2 = b
-                if b:
-                    r.warn(knode, "http_server_config.http2: not honoured; this server speaks "
-                           "HTTP/1.1 only")
+            if b is True:
+                r.warn(knode, "http_server_config.http2: not honoured; this server speaks HTTP/1.1 only")
+            http2 = http2 if b is ABSENT else b
         elif key == "headers":
-            hpairs = r.mapping(vnode, "http_server_config.headers")
-            for hname, hknode, hvnode in hpairs or []:
+            for hname, hknode, hvnode in r.mapping(vnode, "http_server_config.headers") or ():
                 if hname not in HEADERS:
-                    r.error(hknode, f"http_server_config.headers: header {hname!r} can not be "
-                            "configured; allowed: " + ", ".join(HEADERS))
+                    r.error(hknode, f"http_server_config.headers: header {hname!r} can not be configured; allowed: "
+                            + ", ".join(HEADERS))
                     continue
-                val = r.string(hvnode, f"http_server_config.headers.{hname}")
+                name = f"http_server_config.headers.{hname}"
+                val = r.string(hvnode, name)
                 if val is None:
                     continue
                 if "\r" in val or "\n" in val:
-                    r.error(hvnode, f"http_server_config.headers.{hname}: value contains a line break")
-                    continue
-                if not _HEADER_VALUE_RE.fullmatch(val):
-                    r.error(hvnode, f"http_server_config.headers.{hname}: value has a character HTTP "
-                            "cannot carry (only visible ASCII, spaces, tabs and Latin-1 letters)")
-                    continue
-                allowed = HEADERS[hname]
-                if allowed and val not in allowed:
-                    r.error(hvnode, f"http_server_config.headers.{hname}: invalid value {val!r}; "
-                            "expected one of " + ", ".join(allowed))
-                    continue
-                if val:  # blank means unset
+                    r.error(hvnode, f"{name}: value contains a line break")
+                elif not _HEADER_VALUE_RE.fullmatch(val):
+                    r.error(hvnode, f"{name}: value has a character HTTP cannot carry (only visible ASCII, spaces, "
+                            "tabs and Latin-1 letters)")
+                elif (not HEADERS[hname] or r.one_of(hvnode, name, val, HEADERS[hname])) and val:  # blank: unset
                     headers.append((hname, val))
         else:
-            r.unknown_key(knode, key, "http_server_config", _HTTP_KEYS)
+            r.unknown_key(knode, key, "http_server_config", ("http2", "headers"))
     return HTTPServerConfig(http2=http2, headers=tuple(headers))
 
 
-def _read_users(r: _Reader, node: yaml.Node) -> tuple[tuple[str, str], ...]:
-    pairs = r.mapping(node, "basic_auth_users")
+def _read_users(r: _Reader, node: yaml.Node | None) -> tuple[tuple[str, str], ...]:
     users = []
-    for user, knode, vnode in pairs or []:
+    for user, knode, vnode in r.mapping(node, "basic_auth_users") or ():
         name = f"basic_auth_users.{user}"
-        if not isinstance(vnode, yaml.ScalarNode) or r.is_null(vnode):
-            r.error(vnode, f"{name}: expected a bcrypt hash, got {r.describe(vnode)}")
+        if not isinstance(vnode, yaml.ScalarNode) or is_null(vnode):
+            r.error(vnode, f"{name}: expected a bcrypt hash, got {describe(vnode, False)}")
             continue
         h = vnode.value
         m = _BCRYPT_RE.fullmatch(h)
-        if not m:
-            # Never echo the value: it may be a plaintext password pasted by mistake.
-            r.error(vnode, f"{name}: not a bcrypt hash (expected $2a$, $2b$ or $2y$, a cost and "
-                    "53 characters, e.g. from `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)")
+        if not m:  # never echo the value: it may be a plaintext password pasted by mistake
+            r.error(vnode, f"{name}: not a bcrypt hash (expected $2a$, $2b$ or $2y$, a cost and 53 characters, "
+                    "e.g. from `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)")
             continue
-        cost = int(m.group(1))
-        if not 4 <= cost <= 31:
-            r.error(vnode, f"{name}: bcrypt cost {cost} is outside 4..31")
+        if not 4 <= int(m.group(1)) <= 31:
+            r.error(vnode, f"{name}: bcrypt cost {int(m.group(1))} is outside 4..31")
             continue
         try:  # the salt as bcrypt reads it, at the lowest cost: a bad one would fail every login
             bcrypt.hashpw(b"", (h[:4] + "04" + h[6:29]).encode("ascii"))
@@ -466,49 +364,48 @@ def _read_users(r: _Reader, node: yaml.Node) -> tuple[tuple[str, str], ...]:
     return tuple(users)
 
 
-_RATE_KEYS = ("interval", "burst")
-
-
-def _read_rate_limit(r: _Reader, node: yaml.Node) -> RateLimitConfig | None:
-    pairs = r.mapping(node, "rate_limit")
-    if pairs is None:
-        return None
+def _read_rate_limit(r: _Reader, node: yaml.Node | None) -> RateLimitConfig | None:
     interval: Any = 0.0
     burst: Any = 0
-    at: dict[str, yaml.Node] = {}
-    for key, knode, vnode in pairs:
-        at[key] = vnode
+    burst_node = node
+    for key, knode, vnode in r.mapping(node, "rate_limit") or ():
         if key == "interval":  # Go's time.Duration, in our one grammar (a superset)
             interval = r.duration(vnode, "rate_limit.interval", MAX_RATE_INTERVAL)
         elif key == "burst":
-            burst = r.integer(vnode, "rate_limit.burst", 0, MAX_BURST)
+            burst, burst_node = r.integer(vnode, "rate_limit.burst", 0, MAX_BURST), vnode
         else:
-            r.unknown_key(knode, key, "rate_limit", _RATE_KEYS)
+            r.unknown_key(knode, key, "rate_limit", ("interval", "burst"))
     if ABSENT in (interval, burst) or interval == 0:
         return None  # 0 disables the limiter, as in exporter-toolkit
     if burst < 1:
-        r.error(at.get("burst") or node, "rate_limit.burst: must be at least 1 when interval is "
-                "set, or every request would be refused")
+        r.error(burst_node, "rate_limit.burst: must be at least 1 when interval is set, or every request would be "
+                "refused")
         return None
     return RateLimitConfig(interval_seconds=interval, burst=burst)
 
 
-# --------------------------------------------------------------------------- TLS
+def _readable(key: str, path: str, problem: Callable[[str, str], None]) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError as e:
+        problem(key, f"tls_server_config.{key} {path!r}: cannot read: {e.strerror or e}")
+        return False
 
 
-_VERIFY_MODES = {
-    "NoClientCert": ssl.CERT_NONE,
-    "RequestClientCert": ssl.CERT_NONE,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAnyClientCert": ssl.CERT_REQUIRED,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
+def _pem_file(directory: str, path: str | None, pem: str | None, name: str) -> str | None:
+    """``path``, or else inline ``pem`` written to a private file (``ssl`` loads certificates from files only)."""
+    if path is not None or pem is None:
+        return path
+    path = os.path.join(directory, name)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(pem)
+    return path
 
 
 def _make_context(tls: TLSServerConfig, problem: Callable[[str, str], None]) -> ssl.SSLContext | None:
     """Build the server context; report each failure as problem(config key, message)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ok = True
     ctx.minimum_version = TLS_VERSIONS[tls.min_version]
     ctx.maximum_version = TLS_VERSIONS[tls.max_version]
     if tls.prefer_server_cipher_suites:
@@ -517,43 +414,24 @@ def _make_context(tls: TLSServerConfig, problem: Callable[[str, str], None]) -> 
         ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
 
-    def read(key: str, p: str) -> bool:
-        try:
-            with open(p, "rb"):
-                return True
-        except OSError as e:
-            problem(key, f"tls_server_config.{key} {p!r}: cannot read: {e.strerror or e}")
-            return False
-
+    readable = [_readable(k, p, problem) for k, p in (("cert_file", tls.cert_file), ("key_file", tls.key_file)) if p]
     with tempfile.TemporaryDirectory(prefix="webconfig-") as tmp:
-        cert_path, key_path = tls.cert_file, tls.key_file
-        cert_key = "cert_file" if tls.cert_file else "cert"
-        if cert_path is None and tls.cert is not None:
-            cert_path = os.path.join(tmp, "cert.pem")
-            _write_private(cert_path, tls.cert)
-        if key_path is None and tls.key is not None:
-            key_path = os.path.join(tmp, "key.pem")
-            _write_private(key_path, tls.key)
-        readable = True
-        if tls.cert_file:
-            readable &= read("cert_file", tls.cert_file)
-        if tls.key_file:
-            readable &= read("key_file", tls.key_file)
-        if cert_path and key_path and readable:
+        cert = _pem_file(tmp, tls.cert_file, tls.cert, "cert.pem")
+        key = _pem_file(tmp, tls.key_file, tls.key, "key.pem")
+        ok = bool(all(readable) and cert and key)
+        if ok:
             try:
-                ctx.load_cert_chain(cert_path, key_path)
+                ctx.load_cert_chain(cert, key)
             except ssl.SSLError as e:
                 ok = False
-                problem(cert_key, f"tls_server_config: cannot load certificate and key: "
-                        f"{e.reason or e}")
-        else:
-            ok = False
+                problem("cert_file" if tls.cert_file else "cert",
+                        f"tls_server_config: cannot load certificate and key: {e.reason or e}")
 
     mode = _VERIFY_MODES[tls.client_auth_type]
     if mode != ssl.CERT_NONE:
         try:
             if tls.client_ca_file:
-                if read("client_ca_file", tls.client_ca_file):
+                if _readable("client_ca_file", tls.client_ca_file, problem):
                     ctx.load_verify_locations(cafile=tls.client_ca_file)
                 else:
                     ok = False
@@ -573,52 +451,36 @@ def _make_context(tls: TLSServerConfig, problem: Callable[[str, str], None]) -> 
             ctx.set_ciphers(":".join(openssl_names))  # type: ignore[arg-type]
         except ssl.SSLError:
             ok = False
-            problem("cipher_suites", "tls_server_config.cipher_suites: none of these suites is "
-                    "available in this OpenSSL")
+            problem("cipher_suites", "tls_server_config.cipher_suites: none of these suites is available in this "
+                    "OpenSSL")
     return ctx if ok else None
 
 
-def _write_private(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
 def build_ssl_context(cfg: WebConfig | None) -> ssl.SSLContext | None:
-    """A server-side context for ``cfg``, or None when TLS is off.
-
-    Raises ``WebConfigError`` if the files no longer load (they are re-read on every call so
-    that the server can pick up renewed certificates).
-    """
+    """A server-side context for ``cfg``, or None when TLS is off; ``WebConfigError`` if its files no
+    longer load (they are read again on every call, so that renewed certificates are picked up)."""
     if cfg is None or cfg.tls_server_config is None:
         return None
     problems: list[str] = []
-    ctx = _make_context(cfg.tls_server_config,
-                        lambda key, msg: problems.append(f"{cfg.path}: {msg}"))
+    ctx = _make_context(cfg.tls_server_config, lambda key, msg: problems.append(f"{cfg.path}: {msg}"))
     if ctx is None:
         raise WebConfigError(problems or [f"{cfg.path}: cannot build TLS context"])
     return ctx
 
 
-def _norm_san(kind: str, value: str) -> str:
-    if kind == "IP Address":
-        try:
-            return str(ipaddress.ip_address(value.strip()))
-        except ValueError:
-            return value
-    return value
+def _norm_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return value
 
 
 def client_cert_allowed(tls: TLSServerConfig, peercert: Mapping[str, Any] | None) -> bool:
-    """Whether a verified client certificate (``SSLSocket.getpeercert()``) passes
-    ``client_allowed_sans``: any DNS, e-mail, IP or URI SAN listed there, as exporter-toolkit checks.
-    """
+    """Whether a verified client certificate (``getpeercert()``) passes ``client_allowed_sans``: one
+    of its DNS, e-mail, IP or URI SANs is listed there, as exporter-toolkit checks."""
     if tls.client_allowed_sans is None:
         return True
-    if not peercert:
-        return False
-    allowed = {_norm_san("IP Address", s) for s in tls.client_allowed_sans} | set(tls.client_allowed_sans)
-    for kind, value in peercert.get("subjectAltName", ()):
-        if kind in ("DNS", "email", "IP Address", "URI") and _norm_san(kind, value) in allowed:
-            return True
-    return False
+    allowed = {_norm_ip(s) for s in tls.client_allowed_sans} | set(tls.client_allowed_sans)
+    return any((_norm_ip(value) if kind == "IP Address" else value) in allowed
+               for kind, value in (peercert or {}).get("subjectAltName", ())
+               if kind in ("DNS", "email", "IP Address", "URI"))

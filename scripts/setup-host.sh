@@ -3,10 +3,12 @@
 # or container. Idempotent: safe to run again; does nothing that is already done.
 set -euo pipefail
 
-WITH_PROMETHEUS=0
+WITH_PROMETHEUS=0 WITH_SYSTEMD=0 WITH_PODMAN=0
 for arg in "$@"; do
   case "$arg" in
     --with-prometheus) WITH_PROMETHEUS=1 ;;
+    --with-systemd) WITH_SYSTEMD=1 ;;  # systemd-analyze, for tests/test_systemd_unit.py
+    --with-podman) WITH_PODMAN=1 ;;    # rootful podman and debootstrap, for tests/test_container.py
     *) echo "setup-host.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -21,6 +23,12 @@ need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system
 if [ "$WITH_PROMETHEUS" = 1 ]; then
   # ZooKeeper for the fleet budget tests: they start their own servers (tests/zklib.py), like Prometheus.
   need_pkgs+=(prometheus prometheus-alertmanager zookeeperd)
+fi
+if [ "$WITH_SYSTEMD" = 1 ]; then
+  need_pkgs+=(systemd)
+fi
+if [ "$WITH_PODMAN" = 1 ]; then
+  need_pkgs+=(podman runc debootstrap)
 fi
 
 missing=()

@@ -1,7 +1,6 @@
 """The Dockerfile lints clean and keeps its shape.
 
-There is no container engine on the development and CI machines, so the image itself is not
-built here; these checks are what can be verified without one.
+These checks need no container engine; tests/test_container.py builds and runs the image.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.cli import DEFAULT_STATE_FILE
 from exporter.web import DEFAULT_LISTEN_ADDRESS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +102,9 @@ def test_runtime_stage_is_lean_and_non_root():
     user = users[-1].split(":")[0]
     assert user not in ("root", "0") and user == "10001"
     assert "--uid 10001" in runs
+    # The default --state.file's directory, writable by the image's user.
+    state_dir = os.path.dirname(DEFAULT_STATE_FILE)
+    assert re.search(rf"install -d -o 10001 -g 10001 -m 07[05]0 {re.escape(state_dir)}\b", runs), runs
     last_user = max(n for n, (i, _) in enumerate(final) if i == "USER")
     last_run = max(n for n, (i, _) in enumerate(final) if i == "RUN")
     assert last_user > last_run, "USER must come after the last RUN (installs run as root)"
