@@ -146,6 +146,15 @@ class Churn:
             vmlib.recreate(vm)
         self.actions[action] += 1
 
+    def safe_step(self) -> None:
+        """One step of the schedule, then a pause; a failed command is counted and the schedule goes on."""
+        try:
+            self.step()
+        except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
+            self.actions["step error"] += 1
+            print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
+        time.sleep(self.rng.uniform(0.2, 2.0))
+
     def restart_libvirtd(self, while_ending: bool) -> None:
         if while_ending:  # a pull that ends while libvirtd is away
             vm = next((v for v in self.candidates() if v.label != "enospc" and self._ready_to_pull(v)), None)
@@ -211,13 +220,27 @@ def compare(exporter: Exporter, witness: Counter, churn: Churn,
     return rows, bad
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.churn", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--seed", type=int, default=1)
+def print_rows(rows: list) -> None:
+    """``compare``'s rows as a Markdown table."""
+    print("| outcome | libvirt reported | ended unreported (destroy/kill) | exporter counted | "
+          "of which from events | inferred |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def schedule_parser(prog: str, doc: str, minutes: float, seed: int) -> argparse.ArgumentParser:
+    """The flags of a seeded schedule (the churn's, and the soak's built on it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=minutes)
+    parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--domains", type=int, default=6)
     parser.add_argument("--libvirtd-restarts", type=int, default=3)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = schedule_parser("python -m bench.churn", __doc__, 10.0, 1).parse_args(argv)
     churn = Churn(args.seed, args.domains)
     witness = Witness()
     exporter = None
@@ -235,12 +258,7 @@ def main(argv=None) -> int:
                 exporter.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=60)
                 time.sleep(2)  # the witness resubscribes
                 continue
-            try:
-                churn.step()
-            except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
-                churn.actions["step error"] += 1
-                print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
-            time.sleep(churn.rng.uniform(0.2, 2.0))
+            churn.safe_step()
         churn.quiesce()
         exporter.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=60)
         time.sleep(5)  # the last events and inferences settle
@@ -248,11 +266,7 @@ def main(argv=None) -> int:
         print(f"churn: {args.minutes:g} min, seed {args.seed}, {len(churn.vms)} domains; actions: "
               + ", ".join(f"{k} {v}" for k, v in sorted(churn.actions.items()))
               + f"; jobs that ended while libvirtd was away: {sum(churn.away.values())}")
-        print("| outcome | libvirt reported | ended unreported (destroy/kill) | exporter counted | "
-              "of which from events | inferred |")
-        print("|---|---|---|---|---|---|")
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
+        print_rows(rows)
         for line in bad:
             print("MISMATCH " + line)
         print("result: " + ("every outcome counted exactly once" if not bad else "MISMATCH"))

@@ -19,10 +19,8 @@ any failure.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 
 from collections import Counter
 
-from bench.churn import PREFIX, Churn, Witness, compare, counted_by
+from bench.churn import PREFIX, Churn, Witness, compare, counted_by, print_rows, schedule_parser
 from exporterlib import Exporter
 import vmlib
 
@@ -90,7 +88,10 @@ class Scraper:
                 threads, rss = int(status["Threads"]), int(status["VmRSS"].split()[0]) / 1024
             except (OSError, KeyError, ValueError):
                 threads, rss = 0, 0.0
-            ours = [n for n in vmlib.virsh("list", "--name").split() if n.startswith(PREFIX)]
+            try:
+                ours = [n for n in vmlib.virsh("list", "--name").split() if n.startswith(PREFIX)]
+            except vmlib.CommandError:  # libvirtd restarting: the count is not known this second
+                ours = []
             series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
             self.samples.append(Sample(started - self._begun, ok, seconds, rss, threads, series, len(ours)))
 
@@ -207,11 +208,7 @@ def plot(scraper: Scraper, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=120.0)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--domains", type=int, default=6)
-    parser.add_argument("--libvirtd-restarts", type=int, default=3)
+    parser = schedule_parser("python -m bench.soak", __doc__, 120.0, 7)
     parser.add_argument("--plot", help="write RSS and series over time to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     churn, witness, scraper = Soak(args.seed, args.domains), Witness(), Scraper()
@@ -242,12 +239,7 @@ def main(argv=None) -> int:
                     churn.exporter = exporter
                     exporters.append(exporter)
                 continue
-            try:
-                churn.step()
-            except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
-                churn.actions["step error"] += 1
-                print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
-            time.sleep(churn.rng.uniform(0.2, 2.0))
+            churn.safe_step()
         churn.quiesce()
         time.sleep(5)  # the last events and inferences settle
         scraper.stop()
@@ -257,11 +249,7 @@ def main(argv=None) -> int:
         print(f"soak: {args.minutes:g} min, seed {args.seed}, {len(churn.vms)} domains; actions: "
               + ", ".join(f"{k} {v}" for k, v in sorted(churn.actions.items()))
               + f"; jobs that ended while libvirtd or the exporter was away: {sum(churn.away.values())}")
-        print("| outcome | libvirt reported | ended unreported (destroy/kill) | exporter counted | "
-              "of which from events | inferred |")
-        print("|---|---|---|---|---|---|")
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
+        print_rows(rows)
         if ok:
             print(f"scrapes: {len(ok)} of {len(scraper.samples)} answered, slowest {max(s.seconds for s in ok) * 1000:.0f} ms;"
                   f" RSS {ok[0].rss_mib:.1f} -> {ok[-1].rss_mib:.1f} MiB (max {max(s.rss_mib for s in ok):.1f});"

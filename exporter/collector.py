@@ -5,12 +5,11 @@ One collector object runs the exporter's collectors by name (``blockjobs``, ``ex
 node_exporter does it: one that raises is logged, reported as
 ``libvirt_blockjob_scrape_collector_success{collector=...} 0`` and the rest is served.
 
-The block-job families are written by ``BlockJobWriter``, their only writer: it has a line per
-job or disk, moving jobs change the snapshot every poll, so nearly every scrape writes them anew,
-and prometheus_client's writers cost several times a scrape's budget at a few hundred disks (the
-benchmark shows it). It writes the same bytes prometheus_client would, in both formats (the
-golden tests in tests/test_collector.py hold it to that). Everything else goes through
-prometheus_client's writers.
+The block-job families are written by ``BlockJobWriter``, their only writer: they have a line per
+job or disk and moving jobs change them every poll, so nearly every scrape writes them anew, too
+slowly with prometheus_client's writers at a few hundred disks (the benchmark shows it). It writes
+the bytes prometheus_client would, in both formats (the golden tests in tests/test_collector.py
+hold it to that); everything else goes through prometheus_client's writers.
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from operator import attrgetter
+from typing import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,7 +28,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from .model import OUTCOMES, ActiveJob, Snapshot
+from .model import OUTCOMES, Snapshot
 from .selfstats import SelfStats, SelfStatsSnapshot
 from .state import State
 
@@ -42,9 +42,9 @@ class Family:
     """One block-job family. ``labels`` are in the writers' order (sorted by name)."""
 
     name: str
-    type: str  # "gauge" or "counter"
     help: str
     labels: tuple[str, ...] = ()
+    type: str = "gauge"  # or "counter"
 
     @property
     def sample(self) -> str:
@@ -52,65 +52,48 @@ class Family:
 
     def header(self, openmetrics: bool) -> str:
         if openmetrics:
-            text = self.help.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
-            return f"# HELP {self.name} {text}\n# TYPE {self.name} {self.type}\n"
+            return f"# HELP {self.name} {_escape(self.help)}\n# TYPE {self.name} {self.type}\n"
         text = self.help.replace("\\", r"\\").replace("\n", r"\n")
         return f"# HELP {self.sample} {text}\n# TYPE {self.sample} {self.type}\n"
 
 
-def _gauge(name: str, help_text: str, *labels: str) -> Family:
-    return Family(name, "gauge", help_text, labels)
-
-
-def _counter(name: str, help_text: str, *labels: str) -> Family:
-    return Family(name, "counter", help_text, labels)
-
-
 JOB_LABELS = ("disk", "domain", "job_type")
-UP = _gauge("libvirt_blockjob_up", "1 while connected to libvirt with event callbacks registered, else 0")
-BUILD_INFO = _gauge("libvirt_blockjob_exporter_build_info", "Build information of the exporter; always 1", "version")
+UP = Family("libvirt_blockjob_up", "1 while connected to libvirt with event callbacks registered, else 0")
+BUILD_INFO = Family("libvirt_blockjob_exporter_build_info", "Build information of the exporter; always 1", ("version",))
 # One gauge per active job, with the job's value.
-JOB_GAUGES: tuple[tuple[Family, Callable[[ActiveJob], float]], ...] = (
-    (_gauge("libvirt_blockjob_cursor", "Bytes processed so far by the active job (cur)", *JOB_LABELS),
-     lambda j: j.cur),
-    (_gauge("libvirt_blockjob_cursor_end", "Total bytes the active job will process (end)", *JOB_LABELS),
-     lambda j: j.end),
-    (_gauge("libvirt_blockjob_progress_ratio", "cur/end of the active job, 0 while end is 0", *JOB_LABELS),
-     lambda j: j.progress_ratio),
-    (_gauge("libvirt_blockjob_bandwidth_bytes_per_second", "Bandwidth cap of the active job, 0 = unlimited",
-            *JOB_LABELS), lambda j: j.bandwidth),
-    (_gauge("libvirt_blockjob_ready", "1 once a copy/active-commit job is ready to pivot", *JOB_LABELS),
-     lambda j: 1 if j.ready else 0),
-    (_gauge("libvirt_blockjob_start_time_seconds", "Unix time the active job was first seen", *JOB_LABELS),
-     lambda j: j.start_time),
-    (_gauge("libvirt_blockjob_cursor_last_change_timestamp_seconds",
-            "Unix time the active job's cursor last moved (its start time until it moves)", *JOB_LABELS),
-     lambda j: j.cursor_changed_time),
-)
+JOB_GAUGES = tuple((Family(name, help_text, JOB_LABELS), attrgetter(attr)) for name, attr, help_text in (
+    ("libvirt_blockjob_cursor", "cur", "Bytes processed so far by the active job (cur)"),
+    ("libvirt_blockjob_cursor_end", "end", "Total bytes the active job will process (end)"),
+    ("libvirt_blockjob_progress_ratio", "progress_ratio", "cur/end of the active job, 0 while end is 0"),
+    ("libvirt_blockjob_bandwidth_bytes_per_second", "bandwidth", "Bandwidth cap of the active job, 0 = unlimited"),
+    ("libvirt_blockjob_ready", "ready", "1 once a copy/active-commit job is ready to pivot"),
+    ("libvirt_blockjob_start_time_seconds", "start_time", "Unix time the active job was first seen"),
+    ("libvirt_blockjob_cursor_last_change_timestamp_seconds", "cursor_changed_time",
+     "Unix time the active job's cursor last moved (its start time until it moves)"),
+))
 OUTCOME_COUNTERS = tuple(
-    _counter(f"libvirt_blockjob_{outcome}", f"Block jobs that {outcome.replace('canceled', 'were canceled')}",
-             *JOB_LABELS) for outcome in OUTCOMES)
-INFERRED = _counter("libvirt_blockjob_outcomes_inferred",
-                    "Outcomes told from the disk or domain because no libvirt event reported them",
-                    *JOB_LABELS, "outcome")
-DEPTH = _gauge("libvirt_blockjob_backing_chain_depth", "Backing images under the active layer (0 = flat)",
-               "disk", "domain")
+    Family(f"libvirt_blockjob_{outcome}", f"Block jobs that {outcome.replace('canceled', 'were canceled')}",
+           JOB_LABELS, "counter") for outcome in OUTCOMES)
+INFERRED = Family("libvirt_blockjob_outcomes_inferred",
+                  "Outcomes told from the disk or domain because no libvirt event reported them",
+                  (*JOB_LABELS, "outcome"), "counter")
+DEPTH = Family("libvirt_blockjob_backing_chain_depth", "Backing images under the active layer (0 = flat)",
+               ("disk", "domain"))
 # Host-wide gauges, with their value in the snapshot.
-TOTALS: tuple[tuple[Family, Callable[[Snapshot], float]], ...] = (
-    (_gauge("libvirt_blockjob_active_jobs", "Active block jobs on the host"), lambda s: len(s.jobs)),
-    (_gauge("libvirt_blockjob_domains", "Running domains watched"), lambda s: len(s.running_domains)),
-    (_gauge("libvirt_blockjob_disks", "Disks polled"), lambda s: len(s.disks)),
-    (_gauge("libvirt_blockjob_tracked_domains",
-            "Domains with series: running, or gone less than --state.retention ago"), lambda s: s.tracked_domains),
-    (_gauge("libvirt_blockjob_tracked_disks", "Disks with series (chain depth or outcome counters)"),
-     lambda s: s.tracked_disks),
-    (_gauge("libvirt_blockjob_tracked_jobs",
-            "Block jobs being tracked, including ones the last poll lost and whose end is awaited"),
-     lambda s: len(s.jobs)),
-)
-UNRESPONSIVE = _gauge("libvirt_blockjob_domain_unresponsive",
+TOTALS = tuple((Family(name, help_text), value) for name, value, help_text in (
+    ("libvirt_blockjob_active_jobs", lambda s: len(s.jobs), "Active block jobs on the host"),
+    ("libvirt_blockjob_domains", lambda s: len(s.running_domains), "Running domains watched"),
+    ("libvirt_blockjob_disks", lambda s: len(s.disks), "Disks polled"),
+    ("libvirt_blockjob_tracked_domains", lambda s: s.tracked_domains,
+     "Domains with series: running, or gone less than --state.retention ago"),
+    ("libvirt_blockjob_tracked_disks", lambda s: s.tracked_disks,
+     "Disks with series (chain depth or outcome counters)"),
+    ("libvirt_blockjob_tracked_jobs", lambda s: len(s.jobs),
+     "Block jobs being tracked, including ones the last poll lost and whose end is awaited"),
+))
+UNRESPONSIVE = Family("libvirt_blockjob_domain_unresponsive",
                       "1 while the domain's blockJobInfo has not answered within the call timeout (its QEMU "
-                      "hangs); present only then", "domain")
+                      "hangs); present only then", ("domain",))
 
 
 def _escape(value: str) -> str:
@@ -178,12 +161,16 @@ class BlockJobWriter:
         return "".join(out)
 
 
+def _counts(name: str, help_text: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=(label,))
+    for key, count in sorted(counts.items()):
+        family.add_metric((key,), count)
+    return family
+
+
 def stats_families(stats: SelfStatsSnapshot) -> Iterable[Metric]:
     """The exporter's own counters (the ``exporter`` collector)."""
-    events = CounterMetricFamily("libvirt_blockjob_events_received", "libvirt events received", labels=("event",))
-    for event, count in sorted(stats.events.items()):
-        events.add_metric((event,), count)
-    yield events
+    yield _counts("libvirt_blockjob_events_received", "libvirt events received", "event", stats.events)
     yield CounterMetricFamily("libvirt_blockjob_reconnects",
                               "Successful reconnections to libvirtd after a lost connection", value=stats.reconnects)
     yield GaugeMetricFamily("libvirt_blockjob_poll_duration_seconds", "Duration of the last poll cycle",
@@ -194,25 +181,18 @@ def stats_families(stats: SelfStatsSnapshot) -> Iterable[Metric]:
     yield GaugeMetricFamily("libvirt_blockjob_discovery_interval_seconds",
                             "Longest time a disk without a job goes unread (jobs started by others are found "
                             "within it; --poll.call-budget)", value=stats.discovery_interval)
-    calls = CounterMetricFamily("libvirt_blockjob_libvirt_calls", "libvirt API calls made", labels=("method",))
-    errors = CounterMetricFamily("libvirt_blockjob_libvirt_errors", "libvirt API calls that failed",
-                                 labels=("method",))
-    for method, count in sorted(stats.calls.items()):
-        calls.add_metric((method,), count)
-    for method, count in sorted(stats.errors.items()):
-        errors.add_metric((method,), count)
-    yield calls
-    yield errors
+    yield _counts("libvirt_blockjob_libvirt_calls", "libvirt API calls made", "method", stats.calls)
+    yield _counts("libvirt_blockjob_libvirt_errors", "libvirt API calls that failed", "method", stats.errors)
 
 
+@dataclass(frozen=True, eq=False)
 class _Fixed:
-    """Hands a writer families already collected."""
+    """Hands a writer or a registry families already collected."""
 
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = families
+    families: list[Metric]
 
-    def collect(self) -> Iterable[Metric]:
-        return self._families
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 class BlockJobCollector:
@@ -251,9 +231,9 @@ class BlockJobCollector:
 
     def _block_jobs(self, openmetrics: bool, names: frozenset[str] | None) -> bytes:
         snap = self._state.snapshot()
-        if names is not None:
-            return self._writer.write(snap, openmetrics, names).encode()
         with self._lock:  # scrapes may come side by side; the writer's label cache is not shared
+            if names is not None:
+                return self._writer.write(snap, openmetrics, names).encode()
             cached = self._cached.get(openmetrics)
             if cached is None or cached[0] is not snap:
                 cached = self._cached[openmetrics] = (snap, self._writer.write(snap, openmetrics).encode())

@@ -9,9 +9,12 @@ while reading a value, gives a ``FILE[:LINE]: message``, never a traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 import math
+import os
+import stat
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import BinaryIO, Callable, Iterable, TypeVar
 
 import yaml
 from yaml.composer import ComposerError
@@ -125,19 +128,29 @@ def _syntax_problem(path: str, text: str, e: yaml.YAMLError) -> Problem:
 
 def compose(text: str, path: str) -> Node | None:
     """The node tree of ``text`` (None when empty); ConfigError with the line otherwise."""
-    loader = _BoundedLoader(text)
-    try:
-        return loader.get_single_node()
+    try:  # the loader's constructor already rejects characters YAML does not allow
+        loader = _BoundedLoader(text)
+        try:
+            return loader.get_single_node()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError([_syntax_problem(path, text, e)]) from None
-    finally:
-        loader.dispose()
+
+
+def open_file(path: str) -> BinaryIO:
+    """``open(path, "rb")`` that cannot block: a FIFO or socket is refused (OSError), not waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "a FIFO or socket, not a file")
+    return os.fdopen(fd, "rb")
 
 
 def read_text(path: str, what: str) -> str:
     """The file's text, reading at most MAX_BYTES + 1 bytes (``/dev/zero`` cannot grow memory)."""
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             raw = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise ConfigError([Problem(path, None, f"cannot read {what}: {e.strerror or e}")]) from None

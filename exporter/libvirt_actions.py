@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import libvirt
 
+from .libvirt_events import instance_of
+from .libvirt_readers import Target
 from .model import Snapshot
 
 if TYPE_CHECKING:
@@ -27,30 +29,26 @@ class Actions:
         connection = self._host._connection
         if connection.read_only or connection.conn is None:
             raise PermissionError("the libvirt connection is read-only (policy not enforcing) or down")
-        return connection.conn.lookupByName(domain)
+        return self._host._call("lookupByName", connection.conn.lookupByName, domain)
 
     def start_pull(self, domain: str, disk: str, bandwidth_bytes: int) -> None:
         dom = self._writable_domain(domain)
-        try:
-            dom.blockPull(disk, bandwidth_bytes, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
-        finally:
-            self._host._stats.calls("blockPull")
-        self._host._poll_one(domain, disk, dom)
+        self._host._call("blockPull", dom.blockPull, disk, bandwidth_bytes,
+                         libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
+        self._host._read([Target(domain, dom, disk, instance_of(dom))], wait=True)
 
     def start_rebase(self, domain: str, disk: str, base_path: str, bandwidth_bytes: int) -> None:
         dom = self._writable_domain(domain)
-        try:
-            dom.blockRebase(disk, base_path, bandwidth_bytes, libvirt.VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES)
-        finally:
-            self._host._stats.calls("blockRebase")
-        self._host._poll_one(domain, disk, dom)
+        self._host._call("blockRebase", dom.blockRebase, disk, base_path, bandwidth_bytes,
+                         libvirt.VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES)
+        self._host._read([Target(domain, dom, disk, instance_of(dom))], wait=True)
 
     def abort_job(self, domain: str, disk: str) -> None:
         dom = self._writable_domain(domain)
-        try:
-            dom.blockJobAbort(disk, 0)
-        finally:
-            self._host._stats.calls("blockJobAbort")
+        self._host._call("blockJobAbort", dom.blockJobAbort, disk, 0)
 
     def fresh_snapshot(self) -> Snapshot:
-        return self._host.fresh_snapshot()
+        """Every disk's job read now and applied: for a decision that must count every job on the
+        host, including one started by someone else since the last poll."""
+        self._host._read(self._host._all_targets(), wait=True)
+        return self._host._state.snapshot()

@@ -1,18 +1,20 @@
 """The main libvirt connection: open, keepalive, close callback, event callbacks, backoff.
 
-It is read-only unless the policy enforces. A close callback and keepalive (5 s, 3 misses) notice
-a libvirtd that went away; opening again backs off from 0.5 s to ``max_delay``, because on a
-hypervisor the exporter and libvirtd start and restart independently.
+It is read-only unless the policy enforces. A close callback and keepalive notice a libvirtd that
+went away; opening again backs off up to ``max_delay``, because on a hypervisor the exporter and
+libvirtd start and restart independently.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+from contextlib import suppress
 from typing import Callable
 
 import libvirt
 
-from .libvirt_events import EventCallbacks
+from .libvirt_events import register_callbacks
 from .logsetup import RateLimitedLog
 from .selfstats import SelfStats
 
@@ -22,13 +24,13 @@ log = logging.getLogger(__name__)
 class Connection:
     _FIRST_DELAY = 0.5
 
-    def __init__(self, uri: str, read_only: bool, stats: SelfStats, callbacks: EventCallbacks | None,
+    def __init__(self, uri: str, read_only: bool, stats: SelfStats, events: queue.SimpleQueue | None,
                  on_lost: Callable[[], None], max_delay: float = 2.0) -> None:
-        """``callbacks`` None: a one-shot reader with no event loop (no events, no close callback)."""
+        """``events`` None: a one-shot reader with no event loop (no events, no close callback)."""
         self.uri = uri
         self.read_only = read_only
         self._stats = stats
-        self._callbacks = callbacks
+        self._events = events
         self._on_lost = on_lost
         self._max_delay = max_delay
         self._delay = self._FIRST_DELAY
@@ -46,15 +48,13 @@ class Connection:
             self._warn.warning("connect", "cannot connect to %s: %s (retrying)", self.uri, str(err).strip())
             return False
         self.conn = conn
-        if self._callbacks is None:
+        if self._events is None:
             return True
         try:
-            try:
+            with suppress(libvirt.libvirtError):  # not every driver has keepalive; the close callback works
                 conn.setKeepAlive(5, 3)
-            except libvirt.libvirtError:
-                pass  # not every driver supports keepalive; the close callback still works
             conn.registerCloseCallback(lambda _conn, _reason, _opaque: self._on_lost(), None)
-            self._callback_ids = self._callbacks.register(conn)
+            self._callback_ids = register_callbacks(conn, self._events)
         except libvirt.libvirtError as err:
             self._warn.warning("connect", "connected to %s but setting up failed: %s", self.uri, err)
             self.close()
@@ -70,10 +70,8 @@ class Connection:
 
     def alive(self) -> bool:
         conn = self.conn
-        if conn is None:
-            return False
         try:
-            return bool(conn.isAlive())
+            return conn is not None and bool(conn.isAlive())
         except libvirt.libvirtError:
             return False
 
@@ -82,13 +80,9 @@ class Connection:
         if conn is None:
             return
         for callback_id in self._callback_ids:
-            try:
+            with suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(callback_id)
-            except libvirt.libvirtError:
-                pass
         self._callback_ids = []
         for step in (conn.unregisterCloseCallback, conn.close):
-            try:
+            with suppress(libvirt.libvirtError):
                 step()
-            except libvirt.libvirtError:
-                pass

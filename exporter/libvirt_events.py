@@ -50,11 +50,10 @@ def silence_libvirt_stderr(_ctx: object, _err: object) -> None:
 class EventLoop:
     """libvirt's default event loop on its own thread, which a poll cycle can hold still.
 
-    While the loop thread waits in ``poll()``, every RPC that another thread makes wakes it two or
-    three times (libvirt switches the connection's watch off and on around each call and re-arms
-    the keepalive timer on every reply): CPU spent on nothing, per call. libvirt only interrupts a
-    loop that is inside an iteration, so a poll cycle parks the loop thread between iterations;
-    events that arrive meanwhile wait in libvirt's queue and are delivered when the cycle ends.
+    While the loop thread waits in ``poll()``, every RPC another thread makes wakes it (libvirt
+    switches the connection's watch off and on around each call and re-arms the keepalive timer on
+    every reply): CPU spent on nothing, per call. So a poll cycle parks the loop thread between
+    iterations; events that arrive meanwhile wait in libvirt's queue until the cycle ends.
     """
 
     _PARK_WAIT = 0.05  # a loop busy in a callback parks right after it; never wait longer
@@ -101,9 +100,7 @@ class EventLoop:
         libvirt's client queues each event it reads and arms a zero timer to dispatch it; the
         loop fires due timers in the order they were added, before it reads the sockets that
         poll() found readable. So ``fn`` waits one whole iteration (which reads every event
-        already in a socket) and then fires behind the timers that dispatch them: poll answers,
-        read on the readers' own connections, are applied behind every event libvirtd sent
-        before them.
+        already in a socket) and then fires behind the timers that dispatch them.
         """
         def fire(timer: int, hops: list[int]) -> None:
             libvirt.virEventRemoveTimeout(timer)
@@ -138,10 +135,8 @@ _event_loop: EventLoop | None = None
 
 
 def ensure_event_loop() -> EventLoop:
-    """Start libvirt's default event loop once per process, before any connection is opened.
-
-    Opening a connection first means no event is ever delivered on it.
-    """
+    """Start libvirt's default event loop once per process, before any connection is opened: a
+    connection opened first never delivers an event."""
     global _event_loop
     with _event_loop_lock:
         if _event_loop is None:
@@ -156,31 +151,23 @@ def instance_of(dom: libvirt.virDomain) -> DomainInstance:
     return DomainInstance(dom.UUIDString(), dom.ID())
 
 
-class EventCallbacks:
-    """The callbacks registered on every connection; each puts one record on ``events``."""
+def register_callbacks(conn: libvirt.virConnect, events: queue.SimpleQueue) -> list[int]:
+    """Registers the event callbacks on ``conn``; each puts one record on ``events``."""
+    def block_job(event_id: str) -> Callable[..., None]:
+        def callback(_conn, dom, disk, job_type, status, _opaque) -> None:  # BLOCK_JOB names the disk by path
+            events.put(BlockJobEvent(dom.name(), disk, JOB_TYPES.get(job_type, "unknown"),
+                                     _STATUSES.get(status, "unknown"), event_id,
+                                     time.monotonic(), time.time(), instance_of(dom)))
+        return callback
 
-    def __init__(self, events: queue.SimpleQueue) -> None:
-        self._events = events
-
-    def register(self, conn: libvirt.virConnect) -> list[int]:
-        return [conn.domainEventRegisterAny(None, event_id, callback, None) for event_id, callback in (
-            (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job_2),
-            (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB, self._on_block_job),
-            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
-        )]
-
-    def _on_block_job(self, _conn, dom, path, job_type, status, _opaque) -> None:
-        self._events.put(BlockJobEvent(dom.name(), path, JOB_TYPES.get(job_type, "unknown"),
-                                       _STATUSES.get(status, "unknown"), "block_job",
-                                       time.monotonic(), time.time(), instance_of(dom)))
-
-    def _on_block_job_2(self, _conn, dom, disk, job_type, status, _opaque) -> None:
-        self._events.put(BlockJobEvent(dom.name(), disk, JOB_TYPES.get(job_type, "unknown"),
-                                       _STATUSES.get(status, "unknown"), "block_job_2",
-                                       time.monotonic(), time.time(), instance_of(dom)))
-
-    def _on_lifecycle(self, _conn, dom, event, detail, _opaque) -> None:
+    def lifecycle(_conn, dom, event, detail, _opaque) -> None:
         kind = _LIFECYCLE.get(event, "other")
         if kind == "stopped" and detail in _STOPPED_BY_FAILURE:
             kind = "crashed"
-        self._events.put(LifecycleEvent(dom.name(), kind, time.monotonic(), time.time(), instance_of(dom)))
+        events.put(LifecycleEvent(dom.name(), kind, time.monotonic(), time.time(), instance_of(dom)))
+
+    return [conn.domainEventRegisterAny(None, event_id, callback, None) for event_id, callback in (
+        (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, block_job("block_job_2")),
+        (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB, block_job("block_job")),
+        (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
+    )]

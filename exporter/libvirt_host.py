@@ -1,17 +1,14 @@
 """The poller and the dispatcher: the part of the exporter that keeps the state true to libvirt.
 
-Split as nova's libvirt host module is: ``libvirt_events`` (the event loop; callbacks that only
-enqueue records), ``libvirt_conn`` (the main connection, reconnect with backoff),
-``libvirt_readers`` (``blockJobInfo`` on reader threads with their own connections), this module
-(inventory, scheduling, resync) and ``libvirt_actions`` (what the enforcing policy does).
+Split as nova's libvirt host module is: ``libvirt_events`` (event loop, callbacks),
+``libvirt_conn`` (main connection), ``libvirt_readers`` (``blockJobInfo`` on reader threads), this
+module (inventory, scheduling, resync) and ``libvirt_actions`` (what the enforcing policy does).
 
-Two threads here:
-
-* the dispatcher applies, in order, every record on one queue: the events, and what the poller
-  read (``_post``), which libvirt's event loop puts behind the events that arrived before it. It
-  is the one place outcomes come from, and it tells the outcome listeners;
-* the poller owns the main connection (connect, resync, reconnect), refreshes the inventory, reads
-  the disks' jobs and runs the post-cycle hook (the policy engine).
+Two threads here. The dispatcher applies, in order, every record on one queue: the events, and
+what the poller read (``_post``), which libvirt's event loop puts behind the events that arrived
+before it; it is the one place outcomes come from, and it tells the outcome listeners. The poller
+owns the main connection (connect, resync, reconnect), refreshes the inventory, reads the disks'
+jobs and runs the post-cycle hook (the policy engine).
 
 What is read when: a disk with a job, every poll interval. The other disks are only read to find
 jobs that someone else started (``BLOCK_JOB_2`` counts every end, even of a job never seen), so
@@ -35,28 +32,17 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import libvirt
 
 from .domain_xml import parse_disks
 from .libvirt_actions import Actions
 from .libvirt_conn import Connection
-from .libvirt_events import EventCallbacks, EventLoop, ensure_event_loop, instance_of, silence_libvirt_stderr
+from .libvirt_events import EventLoop, ensure_event_loop, instance_of, silence_libvirt_stderr
 from .libvirt_readers import DOMAIN_GONE_ERRORS, JobReaders, Target, job_info_from_libvirt
 from .logsetup import RateLimitedLog
-from .model import (
-    BlockJobEvent,
-    ConnectionEvent,
-    DiskInfo,
-    DiskKey,
-    DomainInstance,
-    JobInfo,
-    LifecycleEvent,
-    OutcomeRecord,
-    PollAnswer,
-    Snapshot,
-)
+from .model import BlockJobEvent, ConnectionEvent, DiskInfo, DomainInstance, LifecycleEvent, OutcomeRecord, PollAnswer
 from .selfstats import SelfStats
 from .state import State
 
@@ -71,34 +57,18 @@ class _Ordered:
     done: threading.Event
 
 
-class _DomainGone(Exception):
-    pass
-
-
 class LibvirtHost:
     _POST_WAIT = 5.0  # how long the poller waits for the dispatcher to apply what it read
 
-    def __init__(
-        self,
-        uri: str,
-        state: State,
-        stats: SelfStats,
-        poll_interval: float = 1.0,
-        inventory_interval: float = 30.0,
-        read_only: bool = True,
-        on_outcomes: Callable[[tuple[OutcomeRecord, ...]], None] | None = None,
-        after_cycle: Callable[[], None] | None = None,
-        reconnect_max_delay: float = 2.0,
-        events: bool = True,
-        call_budget: float = 0.0,
-    ) -> None:
-        self.uri = uri
+    def __init__(self, uri: str, state: State, stats: SelfStats, poll_interval: float = 1.0,
+                 inventory_interval: float = 30.0, read_only: bool = True,
+                 on_outcomes: Callable[[tuple[OutcomeRecord, ...]], None] | None = None,
+                 after_cycle: Callable[[], None] | None = None, events: bool = True, call_budget: float = 0.0) -> None:
         self._state = state
         self._stats = stats
         self._poll_interval = poll_interval
         self._call_budget = call_budget  # blockJobInfo calls per second; 0: every disk every interval
         self._swept_up_to: tuple[str, str] = ("", "")  # the sweep goes on after this disk
-        self._read_now: set[str] = set()  # domains whose disks are read at once (poller thread only)
         self._inventory_interval = inventory_interval
         self._on_outcomes = on_outcomes
         self._after_cycle = after_cycle
@@ -108,12 +78,8 @@ class LibvirtHost:
         self._lost = threading.Event()
         self._refresh_lock = threading.Lock()
         self._refresh_domains: set[str] = set()
-        self._connection = Connection(uri, read_only, stats, EventCallbacks(self._events) if events else None,
-                                      self._on_lost, reconnect_max_delay)
-        self._domains: dict[str, libvirt.virDomain] = {}
-        self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
-        self._disks_by_domain: dict[str, tuple[str, ...]] = {}
-        self._targets: list[Target] | None = None  # None = rebuild
+        self._connection = Connection(uri, read_only, stats, self._events if events else None, self._on_lost)
+        self._forget_domains()
         self._ever_connected = False
         self._last_inventory = 0.0
         self._threads: list[threading.Thread] = []
@@ -124,9 +90,13 @@ class LibvirtHost:
                                    wake=self._wake.set)
         self.actions = Actions(self)
 
-    @property
-    def _conn(self) -> libvirt.virConnect | None:
-        return self._connection.conn
+    def _forget_domains(self) -> None:
+        """What the poller knows of the running domains on the main connection (poller thread only)."""
+        self._domains: dict[str, libvirt.virDomain] = {}
+        self._disks_by_domain: dict[str, tuple[str, ...]] = {}
+        self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
+        self._targets: list[Target] | None = None  # None = rebuild
+        self._read_now: set[str] = set()  # domains whose disks are read at once
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,16 +153,10 @@ class LibvirtHost:
         self._notify(outcomes)
 
     def _notify(self, outcomes: tuple[OutcomeRecord, ...]) -> None:
-        if not outcomes:
-            return
-        for outcome in outcomes:
-            if outcome.inferred:
-                log.info("block job %s on %s/%s ended without a libvirt event; counted as %s",
-                         outcome.job_type, outcome.domain, outcome.disk, outcome.outcome)
-            else:
-                log.info("block job %s on %s/%s %s: counted", outcome.job_type, outcome.domain, outcome.disk,
-                         outcome.outcome)
-        if self._on_outcomes is not None:
+        for o in outcomes:
+            how = f"ended without a libvirt event; counted as {o.outcome}" if o.inferred else f"{o.outcome}: counted"
+            log.info("block job %s on %s/%s %s", o.job_type, o.domain, o.disk, how)
+        if outcomes and self._on_outcomes is not None:
             try:
                 self._on_outcomes(outcomes)
             except Exception:
@@ -206,14 +170,10 @@ class LibvirtHost:
         With ``wait`` it returns once applied; never call it so while holding the event loop.
         """
         item = _Ordered(apply, threading.Event())
-        if not self._threads:  # not started (one-shot readers and tests): apply at once
+        if self._event_loop is None:  # not started (one-shot readers and tests): apply at once
             self._dispatch(item)
             return
-        loop = self._event_loop
-        if loop is None:
-            self._events.put(item)
-        else:
-            loop.call_soon(lambda: self._events.put(item))
+        self._event_loop.call_soon(lambda: self._events.put(item))
         if wait and not item.done.wait(self._POST_WAIT):
             self._warn.warning("post", "the dispatcher has not applied a poll for %.0fs", self._POST_WAIT)
 
@@ -222,9 +182,9 @@ class LibvirtHost:
     def _poll_loop(self) -> None:
         next_poll = time.monotonic()
         while not self._stop.is_set():
-            if self._lost.is_set() or self._conn is None:
-                if self._conn is not None:
-                    log.warning("lost the connection to %s; reconnecting", self.uri)
+            if self._lost.is_set() or self._connection.conn is None:
+                if self._connection.conn is not None:
+                    log.warning("lost the connection to %s; reconnecting", self._connection.uri)
                     self._disconnect()
                 if not self._connect():
                     self._stop.wait(self._connection.retry_delay())
@@ -233,7 +193,7 @@ class LibvirtHost:
             try:
                 self._cycle(next_poll)
             except libvirt.libvirtError as err:
-                if not self._connection_alive():
+                if not self._connection.alive():
                     self._lost.set()
                     continue
                 self._warn.warning("cycle", "poll cycle failed: %s", err)
@@ -254,7 +214,7 @@ class LibvirtHost:
             try:
                 self._refresh_domain(name)
             except libvirt.libvirtError as err:
-                if not self._connection_alive():
+                if not self._connection.alive():
                     raise
                 self._warn.warning(f"xml:{name}", "cannot refresh %s: %s", name, err)
         self._read_hinted()
@@ -275,24 +235,22 @@ class LibvirtHost:
             except Exception:
                 log.exception("post-cycle hook failed")
 
-    def _connection_alive(self) -> bool:
-        return self._connection.alive()
-
     def _connect(self) -> bool:
         self._lost.clear()
-        if not self._connection.open():
+        connection = self._connection
+        if not connection.open():
             return False
         try:
             self._resync()
         except libvirt.libvirtError as err:
-            self._warn.warning("connect", "connected to %s but the first read failed: %s", self.uri, err)
+            self._warn.warning("connect", "connected to %s but the first read failed: %s", connection.uri, err)
             self._disconnect()
             return False
         if self._ever_connected:
             self._stats.reconnected()
-            log.info("reconnected to %s", self.uri)
+            log.info("reconnected to %s", connection.uri)
         else:
-            log.info("connected to %s (%s)", self.uri, "read-only" if self._connection.read_only else "read-write")
+            log.info("connected to %s (%s)", connection.uri, "read-only" if connection.read_only else "read-write")
         self._ever_connected = True
         self._state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
         return True
@@ -301,135 +259,108 @@ class LibvirtHost:
         self._readers.close()
         self._connection.close()
         self._state.apply(ConnectionEvent(False, time.monotonic(), time.time()))
-        self._domains = {}
-        self._disks_by_domain = {}
+        self._forget_domains()
+
+    def _call(self, method: str, call: Callable[..., Any], *args: Any) -> Any:
+        """A libvirt call, counted (and its failure) in the exporter's own metrics."""
+        try:
+            result = call(*args)
+        except libvirt.libvirtError:
+            self._stats.calls(method, errors=1)
+            raise
+        self._stats.calls(method)
+        return result
+
+    def _domain_disks(self, name: str, dom: libvirt.virDomain, xml: str | None = None) -> tuple[DiskInfo, ...]:
+        """Reads a domain's XML (unless given) and keeps its disks as the ones to poll; a changed XML
+        is parsed again and its disks are read at once (a new domain, disk or layer may come with a
+        new job)."""
+        if xml is None:
+            xml = self._call("XMLDesc", dom.XMLDesc, 0)
+        parsed = self._parsed_xml.get(name)
+        if parsed is None or parsed[0] != xml:
+            parsed = self._parsed_xml[name] = (xml, tuple(parse_disks(name, xml)))
+            self._read_now.add(name)
+        self._domains[name] = dom
+        self._disks_by_domain[name] = tuple(d.disk for d in parsed[1])
         self._targets = None
-        self._parsed_xml = {}
-        self._read_now = set()
+        return parsed[1]
 
     def _list_inventory(self) -> tuple[dict[str, tuple[DiskInfo, ...]], dict[str, DomainInstance]]:
-        conn = self._conn
-        assert conn is not None
-        domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        self._stats.calls("listAllDomains")
+        domains = self._call("listAllDomains", self._connection.conn.listAllDomains,
+                             libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        self._domains, self._disks_by_domain = {}, {}
         inventory: dict[str, tuple[DiskInfo, ...]] = {}
-        handles: dict[str, libvirt.virDomain] = {}
-        errors = 0
         for dom in domains:
             name = dom.name()
             try:
-                xml = dom.XMLDesc(0)
+                inventory[name] = self._domain_disks(name, dom)
             except libvirt.libvirtError as err:
-                errors += 1
                 self._warn.warning(f"xml:{name}", "cannot read the XML of %s: %s", name, err)
-                continue
-            handles[name] = dom
-            inventory[name] = self._parse_disks(name, xml)
-        self._stats.calls("XMLDesc", len(domains), errors)
-        self._parsed_xml = {name: parsed for name, parsed in self._parsed_xml.items() if name in handles}
-        self._domains = handles
-        self._disks_by_domain = {name: tuple(d.disk for d in disks) for name, disks in inventory.items()}
+                known = self._parsed_xml.get(name)
+                if known is not None and err.get_error_code() not in DOMAIN_GONE_ERRORS:
+                    # Still running, its XML unreadable for now: its disks (and jobs) stay as they were.
+                    inventory[name] = self._domain_disks(name, dom, known[0])
+        self._parsed_xml = {name: parsed for name, parsed in self._parsed_xml.items() if name in inventory}
         self._targets = None
         self._last_inventory = time.monotonic()
-        return inventory, {name: instance_of(dom) for name, dom in handles.items()}
+        return inventory, {name: instance_of(dom) for name, dom in self._domains.items()}
 
     def _resync(self) -> None:
         """Full truth after (re)connect: every running domain's disks and every active job."""
         with self._refresh_lock:
             self._refresh_domains.clear()
         call_started = time.monotonic()
-        inventory, instances = self._list_inventory()
-        jobs, complete = self._collect_jobs()
-        # A job that ended while we were away is judged from its disk, so read the disk again now:
-        # libvirtd (re)connecting to a QEMU finishes such a job, and updates the XML, before it
-        # answers blockJobInfo, but the XML read above may predate that.
-        for name in sorted({key[0] for key in self._state.job_cursor_times() if key not in jobs} & set(inventory)):
-            try:
-                xml = self._domains[name].XMLDesc(0)
-                self._stats.calls("XMLDesc")
-            except libvirt.libvirtError:
-                self._stats.calls("XMLDesc", 0, errors=1)
-                continue  # gone meanwhile: the resync ends its jobs as stopped
-            inventory[name] = self._parse_disks(name, xml)
+        with self._holding_event_loop():
+            inventory, instances = self._list_inventory()
+            answers, complete = self._read_answers(self._all_targets())
+            jobs = {(a.domain, a.disk): a.info for a in answers if a.info is not None}
+            # A job that ended while we were away is judged from its disk, so read the disk again
+            # now: libvirtd (re)connecting to a QEMU finishes such a job, and updates the XML,
+            # before it answers blockJobInfo, but the XML read above may predate that.
+            for name in sorted({key[0] for key in self._state.job_cursor_times() if key not in jobs} & set(inventory)):
+                try:
+                    inventory[name] = self._domain_disks(name, self._domains[name])
+                except libvirt.libvirtError:
+                    pass  # gone meanwhile: the resync ends its jobs as stopped
         self._post(lambda: self._state.resync(inventory, jobs, call_started, jobs_complete=complete,
                                               instances=instances), wait=True)
         self._read_now = set()  # every disk was just read
 
     def _refresh_domain(self, name: str) -> None:
-        conn = self._conn
-        assert conn is not None
         try:
-            dom = conn.lookupByName(name)
-            self._stats.calls("lookupByName")
-            active = dom.isActive()
-            self._stats.calls("isActive")
-            if not active:
-                raise _DomainGone()
-            xml = dom.XMLDesc(0)
-            self._stats.calls("XMLDesc")
-        except (_DomainGone, libvirt.libvirtError) as err:
-            if isinstance(err, libvirt.libvirtError):
-                if err.get_error_code() not in DOMAIN_GONE_ERRORS:
-                    self._stats.calls("XMLDesc", 0, errors=1)
-                    raise
-            self._domains.pop(name, None)
-            self._disks_by_domain.pop(name, None)
+            dom = self._call("lookupByName", self._connection.conn.lookupByName, name)
+            disks = self._domain_disks(name, dom) if self._call("isActive", dom.isActive) else None
+        except libvirt.libvirtError as err:
+            if err.get_error_code() not in DOMAIN_GONE_ERRORS:
+                raise
+            disks = None
+        if disks is None:
+            for known in (self._domains, self._disks_by_domain, self._parsed_xml):
+                known.pop(name, None)
             self._targets = None
-            self._parsed_xml.pop(name, None)
             gone = LifecycleEvent(name, "stopped", time.monotonic(), time.time())
             self._post(lambda: self._state.apply(gone))
             return
-        disks = self._parse_disks(name, xml)
-        disk_names = tuple(d.disk for d in disks)
-        if self._domains.get(name) is not dom or self._disks_by_domain.get(name) != disk_names:
-            self._targets = None
-        self._domains[name] = dom
-        self._disks_by_domain[name] = disk_names
         instance = instance_of(dom)
         self._post(lambda: self._state.update_domain(name, disks, instance))
         self._read_now.add(name)
 
-    def _parse_disks(self, name: str, xml: str) -> tuple[DiskInfo, ...]:
-        """Parses a domain's disks, reusing the last result while its XML is unchanged: the slow
-        refresh re-reads every domain, and most have not changed."""
-        cached = self._parsed_xml.get(name)
-        if cached is not None and cached[0] == xml:
-            return cached[1]
-        disks = tuple(parse_disks(name, xml))
-        self._parsed_xml[name] = (xml, disks)
-        self._read_now.add(name)  # a new domain, a new disk or layer: maybe a new job
-        return disks
-
-    def _read_all(self) -> tuple[list[PollAnswer], bool]:
-        """Every disk's answer now; False when some disk could not be read (its job is unknown)."""
-        with_job, without_job = self._poll_targets()
-        with self._holding_event_loop():
-            return self._read_answers(with_job + without_job)
-
-    def _collect_jobs(self) -> tuple[dict[DiskKey, JobInfo], bool]:
-        answers, complete = self._read_all()
-        return {(a.domain, a.disk): a.info for a in answers if a.info is not None}, complete
-
     def _poll_jobs(self) -> None:
-        """Disks with a job are read and applied first, so that their progress is read at the
-        same point of every cycle and shows at once, not after every other disk's call."""
-        with_job, without_job = self._poll_targets()
-        for batch in (with_job, self._sweep(without_job, len(with_job))):
-            if not batch:
-                continue
-            with self._holding_event_loop():
-                answers, _complete = self._read_answers(batch)
-            self._post(lambda answers=answers: self._state.apply_polls(answers))
-            # Have the disks read again (the next cycle's refresh) where a job appeared, so that its
-            # end is judged against the chain it started from, and where the poll lost one, so
-            # that an end without an event is judged from the disk as it is after it.
-            if batch is with_job:
-                changed = {a.domain for a in answers if a.info is None}
-            else:
-                changed = {a.domain for a in answers if a.info is not None}
-            if changed:
-                with self._refresh_lock:
-                    self._refresh_domains.update(changed)
+        """Disks with a job (the most recently moving first) are read and applied first, so that
+        their progress is read at the same point of every cycle and shows at once, not after every
+        other disk's call; then the disks the sweep reaches."""
+        moved = self._state.job_cursor_times()
+        targets = self._all_targets()
+        with_job = sorted((t for t in targets if t.key in moved), key=lambda t: -moved[t.key])
+        lost = {a.domain for a in self._read(with_job) if a.info is None}
+        idle = self._sweep([t for t in targets if t.key not in moved], len(with_job))
+        found = {a.domain for a in self._read(idle) if a.info is not None}
+        # Have the disks read again (the next cycle's refresh) where a job appeared, so that its
+        # end is judged against the chain it started from, and where the poll lost one, so that
+        # an end without an event is judged from the disk as it is after it.
+        with self._refresh_lock:
+            self._refresh_domains.update(lost, found)
 
     def _sweep(self, idle: list[Target], busy: int) -> list[Target]:
         """The disks without a job to read this cycle: the next ones after the last swept, in key
@@ -449,27 +380,11 @@ class LibvirtHost:
     def _read_hinted(self) -> None:
         """Read at once the disks of the domains something hinted at a new job on."""
         names, self._read_now = self._read_now, set()
-        if not names or self._conn is None:
-            return
-        targets = [t for t in self._all_targets() if t.domain in names]
-        if targets:
-            with self._holding_event_loop():
-                answers, _complete = self._read_answers(targets)
-            self._post(lambda: self._state.apply_polls(answers))
+        if names:
+            self._read([t for t in self._all_targets() if t.domain in names])
 
     def _holding_event_loop(self):
         return self._event_loop.held() if self._event_loop is not None else nullcontext()
-
-    def _poll_targets(self) -> tuple[list[Target], list[Target]]:
-        """(disks with a job, the most recently moving first; every other disk) of the running
-        domains."""
-        targets = self._all_targets()
-        moved = self._state.job_cursor_times()
-        if not moved:
-            return [], targets
-        with_job = [t for t in targets if t.key in moved]
-        with_job.sort(key=lambda t: -moved[t.key])
-        return with_job, [t for t in targets if t.key not in moved]
 
     def _all_targets(self) -> list[Target]:
         """Every disk of the running domains, in key order."""
@@ -479,58 +394,47 @@ class LibvirtHost:
                                     for disk in self._disks_by_domain.get(name, ())), key=lambda t: t.key)
         return self._targets
 
+    def _read(self, targets: list[Target], wait: bool = False) -> list[PollAnswer]:
+        """Reads ``targets`` holding the event loop, and has the answers applied in line with the events."""
+        if not targets:
+            return []
+        with self._holding_event_loop():
+            answers, _complete = self._read_answers(targets)
+        self._post(lambda: self._state.apply_polls(answers), wait)
+        return answers
+
     def _read_answers(self, targets: list[Target]) -> tuple[list[PollAnswer], bool]:
         """One ``blockJobInfo`` call per target (see ``libvirt_readers``): (the answers, whether
         every target answered; a hung or failing domain's jobs are unknown, not ended)."""
-        calls = errors = 0
-        gone: list[str] = []
-        answers: list[PollAnswer] = []
         reads, complete = self._readers.read(targets)
-        try:
-            for read in reads:
-                calls += 1
-                target, result = read.target, read.result
-                if result.__class__ is dict:
-                    answers.append(PollAnswer(target.domain, target.disk, target.instance,
-                                              job_info_from_libvirt(result) if result else None, read.call_started))
-                    continue
-                errors += 1
-                complete = False
-                if result.get_error_code() in DOMAIN_GONE_ERRORS:
-                    if target.domain not in gone:
-                        log.info("domain %s went away during the poll; skipping it", target.domain)
-                        gone.append(target.domain)
-                    continue
-                if result.get_error_domain() == libvirt.VIR_FROM_RPC:
-                    # A reader's own connection broke (libvirtd restarting, say): its readers go,
-                    # and the main connection says whether to reconnect.
-                    self._readers.close()
-                    if not self._connection_alive():
-                        raise result
-                    continue
-                if not self._connection_alive():
-                    raise result
+        answers = [PollAnswer(r.target.domain, r.target.disk, r.target.instance,
+                              job_info_from_libvirt(r.result) if r.result else None, r.call_started)
+                   for r in reads if r.result.__class__ is dict]
+        failed = [r for r in reads if r.result.__class__ is not dict]
+        self._stats.calls("blockJobInfo", len(reads), len(failed))
+        gone: set[str] = set()
+        for read in failed:
+            target, err = read.target, read.result
+            if err.get_error_code() in DOMAIN_GONE_ERRORS:
+                gone.add(target.domain)
+            elif err.get_error_domain() == libvirt.VIR_FROM_RPC:
+                # A reader's own connection broke (libvirtd restarting, say): its readers go, and
+                # the main connection says whether to reconnect.
+                self._readers.close()
+                if not self._connection.alive():
+                    raise err
+            elif not self._connection.alive():
+                raise err
+            else:
                 self._warn.warning(f"job:{target.domain}:{target.disk}", "blockJobInfo(%s, %s) failed: %s",
-                                   target.domain, target.disk, result)
-        finally:
-            self._stats.calls("blockJobInfo", calls, errors)
-            if gone:
-                with self._refresh_lock:
-                    self._refresh_domains.update(gone)
-                self._wake.set()
-        return answers, complete
-
-    def fresh_snapshot(self) -> Snapshot:
-        """Every disk's job read now and applied: for a decision that must count every job on the
-        host, including one started by someone else since the last poll."""
-        answers, _complete = self._read_all()
-        self._post(lambda: self._state.apply_polls(answers), wait=True)
-        return self._state.snapshot()
-
-    def _poll_one(self, domain: str, disk: str, dom: libvirt.virDomain) -> None:
-        """Make a job the policy just started visible at once, so the next decision counts it."""
-        answers, _complete = self._read_answers([Target(domain, dom, disk, instance_of(dom))])
-        self._post(lambda: self._state.apply_polls(answers), wait=True)
+                                   target.domain, target.disk, err)
+        if gone:
+            for name in sorted(gone):
+                log.info("domain %s went away during the poll; skipping it", name)
+            with self._refresh_lock:
+                self._refresh_domains.update(gone)
+            self._wake.set()
+        return answers, complete and not failed
 
 
 def read_once(uri: str, state: State) -> None:

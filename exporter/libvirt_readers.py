@@ -7,10 +7,10 @@ let that one domain stall every other job's metrics or get another domain blamed
   be interrupted: its reader is set aside with it and the rest of the list is read by another.
 * Each reader has its own connection. With libvirt 9.0's client the thread whose call is in flight
   does the socket I/O for every other call on that connection and can miss the wake-up that hands
-  it a new request (a GLib quit that lands just before its loop runs): a call queued behind a hung
-  one then waits for libvirtd's next keepalive ping, 5 s. libvirtd also reads at most 5 requests
-  of one connection at a time. A hung call therefore keeps its connection to itself.
-* A slow call is set aside after ``patience`` (a tenth of the poll interval), not after the call
+  it a new request: a call queued behind a hung one then waits for libvirtd's next keepalive ping.
+  libvirtd also reads only a few requests of one connection at a time (``max_client_requests``).
+  A hung call therefore keeps its connection to itself.
+* A slow call is set aside after ``patience``, a fraction of the poll interval, not after the call
   timeout, so the other domains are read on time. Its domain is skipped while the call is out and
   named unresponsive only once the call has not answered for ``call_timeout``; an answer that
   comes before that is handed over with the next read, so a slow but healthy domain still updates.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,15 +41,9 @@ log = logging.getLogger(__name__)
 DOMAIN_GONE_ERRORS = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
 
 
-def job_info_from_libvirt(raw: dict) -> JobInfo | None:
-    if not raw:
-        return None
-    return JobInfo(
-        job_type=JOB_TYPES.get(raw.get("type", 0), "unknown"),
-        cur=int(raw.get("cur", 0)),
-        end=int(raw.get("end", 0)),
-        bandwidth=int(raw.get("bandwidth", 0)),
-    )
+def job_info_from_libvirt(raw: dict) -> JobInfo:
+    return JobInfo(job_type=JOB_TYPES.get(raw.get("type", 0), "unknown"), cur=int(raw.get("cur", 0)),
+                   end=int(raw.get("end", 0)), bandwidth=int(raw.get("bandwidth", 0)))
 
 
 @dataclass(frozen=True)
@@ -116,10 +111,8 @@ class _Reader(threading.Thread):
                     self._on_late(self, late)
         finally:
             if self._conn is not None:
-                try:
+                with suppress(libvirt.libvirtError):
                     self._conn.close()
-                except libvirt.libvirtError:
-                    pass
 
     def usable(self) -> bool:
         if self._targets is None:
@@ -156,6 +149,8 @@ class _Reader(threading.Thread):
                 outcome = self._handle(target).blockJobInfo(target.disk, self._FLAGS)
             except libvirt.libvirtError as err:
                 outcome = err
+            except Exception as err:  # a binding's surprise must not end the thread the poller waits on
+                outcome = libvirt.libvirtError(f"blockJobInfo({target.disk}) raised {err!r}")
             read = Read(target, outcome, started)
             with lock:
                 late = self._set_aside
@@ -280,11 +275,10 @@ class JobReaders:
             self._on_unresponsive(frozenset())
 
     def _take(self) -> _Reader:
-        reader = self._reader
-        if reader is not None and reader.usable():
-            return reader
-        if reader is not None:
-            reader.stop()
+        if self._reader is not None:
+            if self._reader.usable():
+                return self._reader
+            self._reader.stop()
         with self._lock:
             while self._spares:
                 spare = self._spares.pop()

@@ -10,8 +10,13 @@ run of it. The rules:
 * Only ``BLOCK_JOB_2`` events count outcomes; ``BLOCK_JOB`` is the same outcome named by path.
 * A job belongs to one run of its domain (``DomainInstance``: UUID and runtime id). An answer or
   event from another run never updates, ends or stands in for it. When a run ends (stopped,
-  crashed, or a later run seen) its jobs end, inferred, and later events of that run are not
-  counted: their ends were counted when the run ended.
+  crashed, or a later run seen) its jobs end, inferred, and later events for them are not
+  counted: their ends were counted when the run ended. A later event of that run for a disk
+  whose job was not known then counts: that job ran between two polls.
+* A refresh, listing or resync that names a run a lifecycle event said has ended was read before
+  that event and applied after it (an event can overtake what the poller read): that domain is
+  taken as not running, so that the run and its jobs do not come back. Only an event tells this:
+  a listing that misses a domain may itself predate the domain's start.
 * A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds; if no event
   names the outcome by then, it is inferred from the disk (see ``infer_outcome``).
 * A poll answer for a disk whose job ended after that poll's call began is stale and ignored.
@@ -74,12 +79,6 @@ class _Settling:
     until: float  # monotonic
 
 
-@dataclass(frozen=True)
-class _Ended:
-    monotonic: float
-    instance: DomainInstance | None
-
-
 def _same_run(a: DomainInstance | None, b: DomainInstance | None) -> bool:
     """Whether two sightings can be the same run; None is unknown, and id -1 (what libvirt says of
     a domain once it has stopped, e.g. in the event for a destroy) is any run of that UUID."""
@@ -132,12 +131,16 @@ class State:
         self._instances: dict[str, DomainInstance] = {}  # running domain -> its current run
         self._unresponsive: frozenset[str] = frozenset()
         self._stopped_runs: dict[DomainInstance, float] = {}  # run -> monotonic time it ended
+        self._ended_with_run: dict[DomainInstance, set[str]] = {}  # stopped run -> disks whose job ended with it
+        self._said_ended: dict[DomainInstance, float] = {}  # runs a lifecycle event ended -> monotonic
         self._gone_since: dict[str, float] = {}  # domain with series, not running -> monotonic
         self._disks: dict[DiskKey, DiskInfo] = {}
         self._jobs: dict[DiskKey, ActiveJob] = {}
         self._tracked: dict[DiskKey, TrackedJob] = {}
         self._pending: dict[DiskKey, float] = {}  # key -> monotonic time the poll lost the job
-        self._ended: dict[DiskKey, _Ended] = {}  # the last job that ended on each disk
+        # disk -> run -> monotonic time the last job of that run ended on it. Per run: the end of an
+        # earlier run's job, inferred when a resync finds the new run, must not hide a later end.
+        self._ended: dict[DiskKey, dict[DomainInstance | None, float]] = {}
         self._settling: dict[DiskKey, _Settling] = {}
         self._outcomes: dict[tuple[str, str, str, str], int] = {}
         self._inferred: dict[tuple[str, str, str, str], int] = {}
@@ -167,6 +170,10 @@ class State:
         """When each active job's cursor last moved, without building a snapshot."""
         with self._lock:
             return {key: job.cursor_changed_time for key, job in self._jobs.items()}
+
+    def jobs_generation(self) -> int:
+        """Changes when ``tracked_jobs`` would: lets the state file skip building them every cycle."""
+        return self._jobs_generation
 
     def tracked_jobs(self) -> tuple[int, tuple[TrackedJob, ...]]:
         """(generation, jobs as they are now): the generation changes when a job starts, ends or
@@ -218,8 +225,7 @@ class State:
                 current = self._instances.get(answer.domain)
                 if not _same_run(answer.instance, current):
                     continue  # answered through the handle of an earlier run of the domain
-                ended = self._ended.get(key)
-                if ended is not None and ended.monotonic >= answer.call_started and _same_run(ended.instance, current):
+                if self._ended_since(key, answer.call_started, current):
                     continue  # an event ended this job while the call was in flight
                 if answer.info is None:
                     if key not in self._pending:
@@ -249,6 +255,9 @@ class State:
                       instance: DomainInstance | None = None) -> tuple[OutcomeRecord, ...]:
         """Replace one running domain's disks (after a lifecycle or block-job event)."""
         with self._lock:
+            if instance is not None and instance in self._said_ended:
+                log.debug("refresh of %s read before run %d ended: ignored", domain, instance.id)
+                return ()
             records = self._set_run(domain, instance)
             if domain not in self._running:
                 self._running.add(domain)
@@ -277,17 +286,16 @@ class State:
             for key, job in list(self._jobs.items()):
                 if key in jobs or (not jobs_complete and key in self._disks):
                     continue
-                ended = self._ended.get(key)
-                if ended is not None and ended.monotonic >= call_started:
+                if self._ended_since(key, call_started, None):
                     continue
                 record = self._end_inferred(key)
                 records.append(record)
                 self._settling[key] = _Settling(job.instance, job.job_type, record.outcome, now_m + self._settle)
             now = self._clock()
             for key, info in jobs.items():
-                ended = self._ended.get(key)
-                if (ended is not None and ended.monotonic >= call_started
-                        and _same_run(ended.instance, self._instances.get(key[0]))):
+                if key[0] not in self._running:
+                    continue  # read before its run ended
+                if self._ended_since(key, call_started, self._instances.get(key[0])):
                     continue
                 records.extend(self._sample(key, info, now, self._instances.get(key[0])))
             self._changed()
@@ -311,6 +319,11 @@ class State:
         self._version += 1
         self._snapshot = None
 
+    def _ended_since(self, key: DiskKey, since: float, run: DomainInstance | None) -> bool:
+        """Whether a job that can be of ``run`` ended on the disk at or after ``since``."""
+        ends = self._ended.get(key)
+        return ends is not None and any(at >= since and _same_run(ended, run) for ended, at in ends.items())
+
     def _set_run(self, domain: str, instance: DomainInstance | None) -> tuple[OutcomeRecord, ...]:
         """Record the current run of a domain; the jobs of an earlier run end with it."""
         if instance is None:
@@ -330,12 +343,20 @@ class State:
         for key, job in [(k, j) for k, j in self._jobs.items() if k[0] == domain and _same_run(j.instance, run)]:
             if job.instance is not None:
                 self._stopped_runs[job.instance] = now
+            owner = job.instance or run
+            if owner is not None:
+                self._ended_with_run.setdefault(owner, set()).add(key[1])
             records.append(self._end_inferred(key, running=False, crashed=crashed))
         return tuple(records)
 
     def _set_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
                        instances: Mapping[str, DomainInstance]) -> tuple[OutcomeRecord, ...]:
         now = self._monotonic()
+        stale = {name for name, run in instances.items() if run in self._said_ended}
+        if stale:
+            log.debug("listing read before %s stopped: taken as not running", ", ".join(sorted(stale)))
+            disks = {name: d for name, d in disks.items() if name not in stale}
+            instances = {name: run for name, run in instances.items() if name not in stale}
         running = set(disks)
         for name in self._running - running:
             self._gone_since[name] = now
@@ -433,7 +454,7 @@ class State:
         self._outcomes[series] += 1
         if inferred:
             self._inferred[series] = self._inferred.get(series, 0) + 1
-        self._ended[key] = _Ended(self._monotonic(), instance)
+        self._ended.setdefault(key, {})[instance] = self._monotonic()
         if domain not in self._running:
             self._gone_since.setdefault(domain, self._monotonic())
         record = OutcomeRecord(domain=domain, disk=disk, job_type=job_type, outcome=outcome,
@@ -463,8 +484,9 @@ class State:
             # The tracked type labels the series the gauges used; libvirt's event agrees with it.
             return (self._end_job(key, event.status, inferred=False),)
         run = event.instance
-        if run is not None and run.id >= 0 and run in self._stopped_runs:
-            self._not_counted(event, f"it reports a job of run {run.id} of the domain, whose jobs were "
+        if (run is not None and run.id >= 0 and run in self._stopped_runs
+                and event.disk in self._ended_with_run.get(run, ())):
+            self._not_counted(event, f"it reports the job of run {run.id} of the domain on this disk, "
                                      "counted when that run ended")
             return ()
         records: tuple[OutcomeRecord, ...] = ()
@@ -481,12 +503,20 @@ class State:
 
     def _apply_lifecycle(self, event: LifecycleEvent) -> tuple[OutcomeRecord, ...]:
         name, run = event.domain, event.instance
+        current = self._instances.get(name)
+        now = self._monotonic()
         if event.kind == "started":
+            if current is not None and run is not None and current != run:
+                self._said_ended[current] = now
             return self._set_run(name, run)
         if event.kind not in ("stopped", "crashed"):
             return ()
         crashed = event.kind == "crashed"
-        current = self._instances.get(name)
+        if run is not None:  # None: a refresh found the domain inactive, as stale as any read
+            if run.id >= 0:
+                self._said_ended[run] = now
+            elif current is not None and current.uuid == run.uuid:
+                self._said_ended[current] = now
         if not _same_run(run, current):
             # The end of an earlier run, reported after a later run was seen.
             return self._end_run_jobs(name, run, crashed)
@@ -519,8 +549,11 @@ class State:
             for name in expired:
                 del self._gone_since[name]
             self._changed()
-        for key in [k for k, e in self._ended.items() if now - e.monotonic > _ENDED_KEPT_SECONDS or k[0] in expired]:
-            del self._ended[key]
+        for key, ends in list(self._ended.items()):
+            for run in [run for run, at in ends.items() if now - at > _ENDED_KEPT_SECONDS]:
+                del ends[run]
+            if not ends or key[0] in expired:
+                del self._ended[key]
         for key in [k for k, s in self._settling.items() if now > s.until]:
             del self._settling[key]
         kept = max(self._retention, _ENDED_KEPT_SECONDS)
@@ -528,3 +561,9 @@ class State:
             del self._stopped_runs[run]
         while len(self._stopped_runs) > _STOPPED_RUNS_KEPT:  # dicts keep insertion order: oldest first
             del self._stopped_runs[next(iter(self._stopped_runs))]
+        for run in [run for run in self._ended_with_run if run not in self._stopped_runs]:
+            del self._ended_with_run[run]
+        for run in [run for run, at in self._said_ended.items() if now - at > kept]:
+            del self._said_ended[run]
+        while len(self._said_ended) > _STOPPED_RUNS_KEPT:
+            del self._said_ended[next(iter(self._said_ended))]

@@ -143,9 +143,9 @@ class JobsFile:
 
     def save(self, state: State) -> None:
         """Write the jobs if a job started or ended since the last write; never raises."""
-        generation, jobs = state.tracked_jobs()
-        if generation == self._written_generation:
+        if state.jobs_generation() == self._written_generation:
             return
+        generation, jobs = state.tracked_jobs()
         try:
             directory = os.path.dirname(self.path) or "."
             os.makedirs(directory, mode=0o700, exist_ok=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import bcrypt
 import yaml
 
-from .configfile import ABSENT, ConfigError, Reader, describe, is_null, load
+from .configfile import ABSENT, ConfigError, Reader, describe, is_null, load, open_file
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def _read_rate_limit(r: _Reader, node: yaml.Node | None) -> RateLimitConfig | No
 
 def _readable(key: str, path: str, problem: Callable[[str, str], None]) -> bool:
     try:
-        with open(path, "rb"):
+        with open_file(path):
             return True
     except OSError as e:
         problem(key, f"tls_server_config.{key} {path!r}: cannot read: {e.strerror or e}")

@@ -20,6 +20,20 @@ if _HERE not in sys.path:
 
 import vmlib  # noqa: E402
 
+# Hypothesis (the property tests): CI runs a fixed, derandomized set of examples with no example
+# database, so every run tries the same inputs and a failure reproduces from its printed blob.
+# LBJE_HYPOTHESIS_PROFILE=long runs many more random examples on demand.
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # only the property tests need it (the test extra installs it)
+    pass
+else:
+    _common = dict(database=None, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow],
+                   phases=[p for p in Phase if p is not Phase.explain])  # explain costs minutes on a failure
+    settings.register_profile("ci", max_examples=200, derandomize=True, **_common)
+    settings.register_profile("long", max_examples=5000, derandomize=False, **_common)
+    settings.load_profile(os.environ.get("LBJE_HYPOTHESIS_PROFILE", "ci"))
+
 _status: tuple[bool, str] | None = None
 
 

@@ -27,6 +27,9 @@ def parse_error(capsys, argv) -> str:
         (["--state.retention", "31d"], "argument --state.retention: bad duration '31d': must be at most 30d"),
         (["--state.retention", "0.5s"], "argument --state.retention: '0.5s' is below the minimum of 1s"),
         (["--state.file", "x" * 5000], "argument --state.file: longer than 4096 characters"),
+        (["--poll.call-budget", "100001"], "argument --poll.call-budget: '100001' is not a whole number from 0 to 100000"),
+        (["--poll.call-budget", "-1"], "argument --poll.call-budget: '-1' is not a whole number from 0 to 100000"),
+        (["--poll.call-budget", "1e9"], "argument --poll.call-budget: '1e9' is not a whole number from 0 to 100000"),
         (["--state.file", "/tmp/a\nb"], "argument --state.file: '/tmp/a\\nb' contains a control character"),
         (["--alertmanager.resolve-after", "1" + "0" * 400 + "y"],
          "argument --alertmanager.resolve-after: bad duration '1000000000000000000000000000000000000...': expected "

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-pytest.importorskip("libvirt")
+libvirt = pytest.importorskip("libvirt")
 
 from exporter.libvirt_host import LibvirtHost  # noqa: E402
 from exporter.libvirt_readers import JobReaders, Target  # noqa: E402
@@ -176,3 +176,61 @@ def test_the_sweep_reads_every_idle_disk_within_the_discovery_interval_as_the_li
             assert cycle - min(last_read.values()) < 20, last_read
     unlimited = LibvirtHost("qemu:///nowhere", State(), stats, poll_interval=0.5)
     assert unlimited._sweep(disks, 3) == disks and stats.snapshot().discovery_interval == 0.5
+
+
+def test_a_binding_surprise_is_an_error_answer_not_a_dead_reader(readers):
+    """Anything other than libvirtError from blockJobInfo becomes that disk's error: the reader
+    thread lives on and the next read is served."""
+
+    class Odd(FakeDomain):
+        def blockJobInfo(self, disk, flags):  # noqa: N802
+            if disk == "vdb":
+                raise TypeError("binding surprise")
+            return super().blockJobInfo(disk, flags)
+
+    doms = {"odd": Odd("odd", JOB)}
+    reads, _complete = readers.read(targets(doms, {"odd": ("vda", "vdb")}))
+    assert named(reads) == [("odd", "vda"), ("odd", "vdb")]
+    assert reads[0].result == JOB and isinstance(reads[1].result, libvirt.libvirtError)
+    assert "binding surprise" in str(reads[1].result)
+    again, _complete = readers.read(targets(doms, {"odd": ("vda",)}))
+    assert named(again) == [("odd", "vda")]
+
+
+def test_an_unreadable_xml_of_a_running_domain_keeps_its_disks_and_jobs():
+    """A failed XMLDesc (not "no domain") must not end the domain's jobs: the next inventory pass
+    would bring a running job back as a new one and count its end twice."""
+    xml = ("<domain><name>d</name><devices><disk type='file' device='disk'><driver type='qcow2'/>"
+           "<source file='/img/top.qcow2'/><target dev='vda'/></disk></devices></domain>")
+
+    class Flaky:
+        fail = False
+
+        def name(self):
+            return "d"
+
+        def XMLDesc(self, flags):  # noqa: N802
+            if self.fail:
+                raise libvirt.libvirtError("internal error: try again")
+            return xml
+
+        def UUIDString(self):  # noqa: N802
+            return "uuid-d"
+
+        def ID(self):  # noqa: N802
+            return 1
+
+    dom = Flaky()
+
+    class Conn:
+        def listAllDomains(self, flags):  # noqa: N802
+            return [dom]
+
+    state = State()
+    host = LibvirtHost("qemu:///nowhere", state, SelfStats())
+    host._connection.conn = Conn()
+    first, _ = host._list_inventory()
+    dom.fail = True
+    second, instances = host._list_inventory()
+    assert second == first and set(instances) == {"d"}
+    assert host._disks_by_domain == {"d": ("vda",)}

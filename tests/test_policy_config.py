@@ -586,3 +586,13 @@ def test_check_command_names_the_fleet_budget(tmp_path, capsys):
     f.write_text(_fleet())
     assert policy_check(str(f)) == 0
     assert capsys.readouterr().out.strip() == f"{f}: OK (0 rules, fleet budget 10 at /lbj/pulls/ceph-a on zk1:2181,zk2:2181)"
+
+
+def test_a_fifo_as_the_policy_file_is_an_error_not_a_wait(tmp_path, capsys):
+    """open() on a FIFO blocks until someone writes; the loader refuses it at once."""
+    import os
+
+    fifo = tmp_path / "policy.yml"
+    os.mkfifo(fifo)
+    assert policy_check(str(fifo)) == 1
+    assert f"{fifo}: cannot read policy file: a FIFO or socket, not a file" in capsys.readouterr().err

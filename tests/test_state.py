@@ -322,7 +322,72 @@ def test_late_event_of_a_run_that_ended_is_not_counted_again(state, clock, caplo
     caplog.set_level("INFO", logger="exporter.state")
     assert state.apply(event(clock, "failed", run=RUN1)) == ()
     assert count(state, "failed") == 1
-    assert "not counted, it reports a job of run 7 of the domain" in caplog.text
+    assert "not counted, it reports the job of run 7 of the domain on this disk" in caplog.text
+
+
+def test_a_late_event_of_a_run_that_ended_counts_a_job_never_seen(state, clock, caplog):
+    # Found by the property test: a pull started just before a destroy, never polled, whose end
+    # libvirt reports after the lifecycle event was lost.
+    state.update_domain("dom", [disk(), disk(target="vdb")], RUN1)
+    state.apply_poll("dom", "vda", pull(), clock.mono(), RUN1)
+    records = state.apply(lifecycle(clock, "stopped", RUN1))
+    assert [(r.disk, r.outcome, r.inferred) for r in records] == [("vda", "canceled", True)]
+    caplog.set_level("INFO", logger="exporter.state")
+    assert state.apply(event(clock, "canceled", run=RUN1)) == ()  # vda's end: counted with the run
+    assert "not counted, it reports the job of run 7 of the domain on this disk" in caplog.text
+    records = state.apply(event(clock, "failed", target="vdb", run=RUN1))
+    assert [(r.disk, r.outcome, r.inferred) for r in records] == [("vdb", "failed", False)]
+    assert (count(state, "canceled"), count(state, "failed", target="vdb"), total_outcomes(state)) == (1, 1, 2)
+
+
+def test_a_refresh_read_before_a_stop_and_applied_after_it_does_not_bring_the_run_back(state, clock):
+    # Found by the property test: the stop event overtakes what the poller read just before it.
+    start_run(state, clock, RUN1)
+    read_at = clock.mono()
+    clock.tick(0.01)
+    assert [r.outcome for r in state.apply(lifecycle(clock, "stopped", RUN1))] == ["canceled"]
+    assert state.update_domain("dom", [disk()], RUN1) == ()
+    state.apply_poll("dom", "vda", pull(cur=50), read_at, RUN1)
+    assert state.replace_inventory({"dom": [disk()]}, {"dom": RUN1}) == ()
+    assert state.resync({"dom": [disk()]}, {("dom", "vda"): pull(cur=50)}, read_at, instances={"dom": RUN1}) == ()
+    snap = state.snapshot()
+    assert (snap.jobs, snap.disks, snap.running_domains) == ({}, {}, frozenset())
+    state.update_domain("dom", [disk()], RUN2)  # the next run is welcome
+    state.apply_poll("dom", "vda", pull(cur=1), clock.mono(), RUN2)
+    assert state.snapshot().jobs[("dom", "vda")].instance == RUN2
+    assert total_outcomes(state) == 1
+
+
+def test_a_listing_read_before_a_start_and_applied_after_it_does_not_keep_the_new_run_out(state, clock):
+    state.update_domain("dom", [disk()], RUN1)  # RUN1's stop event was lost (disconnected)
+    state.apply(lifecycle(clock, "started", RUN2))
+    state.replace_inventory({}, {})  # read while "dom" was down, applied after its start event
+    state.update_domain("dom", [disk()], RUN2)  # the refresh the start triggers
+    state.apply_poll("dom", "vda", pull(), clock.mono(), RUN2)
+    assert "dom" in state.snapshot().running_domains
+    assert state.snapshot().jobs[("dom", "vda")].instance == RUN2
+
+
+def test_a_resync_does_not_bring_back_a_job_whose_end_was_counted_after_its_read(state, clock):
+    # Found by the property test: the domain restarted while disconnected; the new run's job ended
+    # between the resync's read and its application. Inferring the old run's job's end in the
+    # same resync used to hide that end from the resync's own staleness check.
+    state.update_domain("dom", [disk(target="vdb")], RUN1)
+    state.apply_poll("dom", "vdb", pull(), clock.mono(), RUN1)
+    state.apply(ConnectionEvent(False, clock.mono(), clock.wall()))
+    clock.tick(5)
+    call_started = clock.mono()
+    clock.tick(0.01)
+    assert [r.outcome for r in state.apply(event(clock, "completed", target="vdb", run=RUN2))] == ["completed"]
+    records = state.resync({"dom": [disk(target="vdb")]}, {("dom", "vdb"): pull(cur=99)}, call_started,
+                           instances={"dom": RUN2})
+    assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]  # RUN1's job
+    assert state.snapshot().jobs == {}
+    clock.tick(1)
+    state.apply_poll("dom", "vdb", None, clock.mono(), RUN2)
+    clock.tick(5)
+    assert state.expire() == ()
+    assert (count(state, "completed", target="vdb"), count(state, "canceled", target="vdb")) == (1, 1)
 
 
 def test_quick_pulls_on_a_restarted_domain_are_all_counted(state, clock):

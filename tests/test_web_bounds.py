@@ -86,7 +86,7 @@ class Proc:
 @contextlib.contextmanager
 def exporter(*flags: str, nofile: tuple[int, int] | None = None):
     p = Proc([sys.executable, "-m", "exporter", "--web.listen-address=127.0.0.1:{port}",
-              "--libvirt.uri=test:///default", *flags], nofile)
+              "--libvirt.uri=test:///default", "--state.file=", *flags], nofile)  # never the host's file
     try:
         yield p
     finally:
