@@ -97,6 +97,16 @@ def _url_flag(text: str) -> str:
 _path_flag = _bounded(lambda text: text)
 
 
+@_bounded
+def _host_id_flag(text: str) -> str:
+    from .policy.fleet import host_id_problem
+
+    problem = host_id_problem(text)
+    if problem:
+        raise ValueError(f"{text!r}: {problem}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .web import DEFAULT_LISTEN_ADDRESS
 
@@ -137,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML policy that starts block pulls (dry run unless --policy.enforce)")
     parser.add_argument("--policy.enforce", dest="policy_enforce", action="store_true",
                         help="let the policy start pulls (opens a read-write libvirt connection)")
+    parser.add_argument("--policy.fleet.host-id", dest="fleet_host_id", default=None, type=_host_id_flag,
+                        help="this host's identity in the policy's fleet budget (ZooKeeper); unique per host and "
+                             "the same across restarts, so a restarted exporter takes its pulls back "
+                             "(default: the host name)")
     parser.add_argument("--alertmanager.url", dest="alertmanager_url", default=None, type=_url_flag,
                         help="also post block-job failures straight to this Alertmanager (v2 API)")
     parser.add_argument("--alertmanager.resolve-after", dest="alertmanager_resolve_after", default=300.0,
@@ -260,10 +274,12 @@ def run_exporter(args: argparse.Namespace) -> int:
     if args.policy_file:
         from .policy.config import PolicyError
         from .policy.engine import PolicyEngine
+        from .policy.fleet import FleetError
 
         try:  # before anything starts: a bad file stops the exporter here
-            engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host.actions)
-        except PolicyError as err:  # unreadable files included
+            engine = PolicyEngine(args.policy_file, enforcing=args.policy_enforce, host=host.actions,
+                                  host_id=args.fleet_host_id, on_fleet_change=host.request_cycle)
+        except (PolicyError, FleetError) as err:  # unreadable files included
             print(f"invalid --policy.file, refusing to start:\n{err}", file=sys.stderr)
             return 1
         collector.add_extra("policy", engine.metric_families)
@@ -300,10 +316,14 @@ def run_exporter(args: argparse.Namespace) -> int:
         signal.signal(signum, handler)
     if notifier is not None:
         notifier.start()
+    if engine is not None:
+        engine.start()
     host.start()
     _wait_for_signals(stop)
     server.shutdown()
     host.stop()
+    if engine is not None:
+        engine.stop()
     if notifier is not None:
         notifier.stop()
     log.info("stopped")

@@ -43,6 +43,8 @@ SCHEMA: dict[str, Any] = {
     "backing_chain": {"depth": "count0", "for": "duration", "severity": "severity"},
     "policy_errors": {"count": "count1", "window": "duration", "for": "duration", "severity": "severity"},
     "policy_reload_failed": {"for": "duration", "severity": "severity"},
+    "fleet_unavailable": {"for": "duration", "severity": "severity"},
+    "fleet_lease_without_pull": {"for": "duration", "severity": "severity"},
 }
 
 _MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*'
@@ -229,6 +231,22 @@ libvirt_blockjob_domain_unresponsive{{{sel}}} == 1
 """
 
     p = t["policy_errors"]
+    # Candidates wait for the fleet budget while it cannot be used: nothing starts on that host.
+    fleet_unavailable_expr = f"""
+sum by (job, instance) (libvirt_blockjob_policy_deferred{{{sel},reason="fleet"}}) > 0
+and on (job, instance)
+libvirt_blockjob_policy_fleet_connected{{{sel}}} == 0
+"""
+    # More leases than pulls on the host: a lease nobody releases holds a slot of the whole fleet.
+    fleet_lease_expr = f"""
+libvirt_blockjob_policy_fleet_leases{{{sel}}}
+> on (job, instance)
+(
+  count by (job, instance) (libvirt_blockjob_cursor{{{sel},job_type="pull"}})
+  or on (job, instance)
+  libvirt_blockjob_policy_fleet_leases{{{sel}}} * 0
+)
+"""
     rules = [
         _alert("LibvirtBlockJobExporterDown", f"up{{{sel}}} == 0", t["exporter_down"], t,
                "libvirt-blockjob-exporter cannot be scraped.",
@@ -281,6 +299,16 @@ libvirt_blockjob_domain_unresponsive{{{sel}}} == 1
                "The block job policy file could not be reloaded.",
                f"The last (re)load of the policy file {where} failed: the exporter keeps applying the "
                f"previous policy."),
+        _alert("LibvirtBlockJobPolicyFleetUnavailable", fleet_unavailable_expr, t["fleet_unavailable"], t,
+               "The fleet pull budget in ZooKeeper cannot be used while pulls wait for it.",
+               f"The policy {where} cannot use its fleet budget in ZooKeeper (disconnected, session lost, or "
+               f"its host id held by another session) while {{{{ $value }}}} candidate pulls wait for it: it "
+               f"starts no pull (more than {t['fleet_unavailable']['for']})."),
+        _alert("LibvirtBlockJobPolicyFleetLeaseWithoutPull", fleet_lease_expr, t["fleet_lease_without_pull"], t,
+               "A fleet pull lease is held with no pull running for it.",
+               f"The exporter {where} holds {{{{ $value }}}} fleet leases, more than the pulls running on that "
+               f"host, for more than {t['fleet_lease_without_pull']['for']}: the idle leases hold back pulls "
+               f"on every host sharing the budget."),
     ]
     return {"groups": [{"name": "libvirt-blockjob", "rules": rules}]}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Brings up libvirtd + QEMU (and optionally Prometheus/Alertmanager) on a fresh Debian 12 host
+# Brings up libvirtd + QEMU (and optionally Prometheus/Alertmanager/ZooKeeper) on a fresh Debian 12 host
 # or container. Idempotent: safe to run again; does nothing that is already done.
 set -euo pipefail
 
@@ -22,7 +22,8 @@ fi
 need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
            libvirt-dev pkg-config)
 if [ "$WITH_PROMETHEUS" = 1 ]; then
-  need_pkgs+=(prometheus prometheus-alertmanager)
+  # ZooKeeper for the fleet budget tests: they start their own servers (tests/zklib.py), like Prometheus.
+  need_pkgs+=(prometheus prometheus-alertmanager zookeeperd)
 fi
 if [ "$WITH_SYSTEMD" = 1 ]; then
   need_pkgs+=(systemd)

@@ -126,3 +126,18 @@ def libvirtd_restarts():
         pytest.skip("LBJE_SKIP_LIBVIRTD_RESTART=1")
     yield
     start_libvirtd()
+
+
+@pytest.fixture
+def zookeeper():
+    """A ``zklib.ZooKeeper``: a real server on its own port and data dir, stopped at teardown even on
+    failure (skips, or fails under LBJE_REQUIRE_TOOLS=1, without Debian's zookeeper)."""
+    from zklib import ZooKeeper
+
+    zk = ZooKeeper()
+    try:
+        yield zk
+    finally:
+        problems = zk.close()
+        if problems:
+            pytest.fail("zookeeper cleanup left: " + "; ".join(problems), pytrace=False)

@@ -51,6 +51,9 @@ def parse_error(capsys, argv) -> str:
         (["--web.listen-address", ":" + "9" * 5000], "argument --web.listen-address: longer than 4096 characters"),
         (["--policy.file", "x" * 5000], "argument --policy.file: longer than 4096 characters"),
         (["--web.config.file", "a\x00b"], "argument --web.config.file: 'a\\x00b' contains a control character"),
+        (["--policy.fleet.host-id", "h" * 254], f"argument --policy.fleet.host-id: {'h' * 254!r}: must be 1 to 253 characters"),
+        (["--policy.fleet.host-id", "a b"], "argument --policy.fleet.host-id: 'a b': must be printable, without spaces"),
+        (["--policy.fleet.host-id", ""], "argument --policy.fleet.host-id: '': must be 1 to 253 characters"),
     ],
 )
 def test_bad_flag_values_exit_2(capsys, argv, message):

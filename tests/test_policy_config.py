@@ -257,7 +257,7 @@ def test_next_opening():
     "text,line,fragment",
     [
         ("rules:\n  - name: a\n    action: {pull: {}}\n    colour: red\n", 4, "unknown key 'colour'"),
-        ("rules: []\nlimts: {}\n", 2, "unknown key 'limts' (allowed: rules, limits); did you mean 'limits'?"),
+        ("rules: []\nlimts: {}\n", 2, "unknown key 'limts' (allowed: rules, limits, fleet); did you mean 'limits'?"),
         ("rules:\n  - name: a\n    match: {domain: x, dsk: vda}\n    action: {pull: {}}\n", 3, "unknown key 'dsk'"),
         ("rules:\n  - name: a\n    when:\n      depth: 2\n    action: {pull: {}}\n", 4, "when: unknown key 'depth'"),
         ("rules:\n  - name: a\n    action:\n      pull:\n        speed: 5\n", 5, "action.pull: unknown key 'speed'"),
@@ -515,6 +515,77 @@ def test_large_file_is_refused_without_reading_it_all(tmp_path):
     assert result.stderr == (f"/dev/zero: policy file is larger than 1024 KiB\n"
                              f"{big}: policy file is larger than 1024 KiB\n")
     assert result.returncode == 11
+
+
+# ------------------------------------------------------------------ fleet
+
+
+def _fleet(extra: str = "", zk: str = "zk1:2181,zk2:2181", path: str = "/lbj/pulls/ceph-a", n: str = "10") -> str:
+    return f"rules: []\nfleet:\n  zookeeper: \"{zk}\"\n  path: \"{path}\"\n  max_concurrent: {n}\n{extra}"
+
+
+def test_fleet_section_defaults_and_every_key():
+    from exporter.policy.config import Fleet, FleetDigest, FleetTLS
+
+    assert parse_policy("rules: []\n", "p.yml").fleet is None
+    f = parse_policy(_fleet(), "p.yml").fleet
+    assert f == Fleet("zk1:2181,zk2:2181", "/lbj/pulls/ceph-a", 10, session_timeout=10.0, timeout=5.0,
+                      host_lost_after=1800.0)
+    full = parse_policy(_fleet(
+        "  session_timeout: 30s\n  timeout: 500ms\n  host_lost_after: 2h\n"
+        "  tls: {ca_file: /etc/zk/ca.pem, cert_file: /etc/zk/c.pem, key_file: /etc/zk/k.pem, verify: false}\n"
+        "  digest_auth: {username: lbje, password_file: /etc/zk/pw}\n",
+        zk="[::1]:2181,zk.example:2182/chroot/x"), "p.yml").fleet
+    assert (full.session_timeout, full.timeout, full.host_lost_after) == (30.0, 0.5, 7200.0)
+    assert full.tls == FleetTLS("/etc/zk/ca.pem", "/etc/zk/c.pem", "/etc/zk/k.pem", False)
+    assert full.digest_auth == FleetDigest("lbje", "/etc/zk/pw")
+
+
+@pytest.mark.parametrize(
+    "text,line,fragment",
+    [
+        ("rules: []\nfleet: {}\n", 2, "fleet: missing required key 'zookeeper'"),
+        (_fleet(zk="zk1:99999"), 3, "fleet.zookeeper: bad port in 'zk1:99999': expected 1..65535"),
+        (_fleet(zk="zk 1:2181"), 3, "fleet.zookeeper: bad server 'zk 1:2181': expected host:port"),
+        (_fleet(zk="zk1:2181/"), 3, "fleet.zookeeper: chroot: must be an absolute path below /"),
+        (_fleet(zk=",".join(["zk:1"] * 33)), 3, "fleet.zookeeper: more than 32 servers"),
+        (_fleet(zk="z" * 1025), 3, "fleet.zookeeper: longer than 1024 characters"),
+        (_fleet(path="relative/x"), 4, "fleet.path: must be an absolute path"),
+        (_fleet(path="/"), 4, "fleet.path: must be an absolute path"),
+        (_fleet(path="/a//b"), 4, "fleet.path: empty path component"),
+        (_fleet(path="/a/../b"), 4, "fleet.path: bad path component '..'"),
+        (_fleet(path="/a/b c"), 4, "fleet.path: bad path component 'b c'"),
+        (_fleet(path="/zookeeper/quota"), 4, "fleet.path: /zookeeper is reserved by ZooKeeper"),
+        (_fleet(path="/" + "a" * 600), 4, "fleet.path: longer than 512 characters"),
+        (_fleet(path="/a" * 17), 4, "fleet.path: more than 16 levels"),
+        (_fleet(n="0"), 5, "fleet.max_concurrent: must be an integer >= 1, got 0"),
+        (_fleet(n="10001"), 5, "fleet.max_concurrent: must be an integer <= 10000"),
+        (_fleet("  session_timeout: 1s\n"), 3, "fleet.session_timeout: must be at least 2s"),
+        (_fleet("  session_timeout: 3m\n"), 6, "fleet.session_timeout: bad duration '3m': must be at most 2m"),
+        (_fleet("  timeout: 10ms\n"), 3, "fleet.timeout: must be at least 100ms"),
+        (_fleet("  timeout: 2m\n"), 6, "fleet.timeout: bad duration '2m': must be at most 1m"),
+        (_fleet("  session_timeout: 60s\n  host_lost_after: 2m\n"), 3,
+         "fleet.host_lost_after: must be at least 10s and 3 x session_timeout"),
+        (_fleet("  host_lost_after: 31d\n"), 6, "fleet.host_lost_after: bad duration '31d': must be at most 30d"),
+        (_fleet("  tls: {cert_file: /c.pem}\n"), 6, "fleet.tls: cert_file and key_file go together"),
+        (_fleet("  tls: {ca: /c.pem}\n"), 6, "fleet.tls: unknown key 'ca'"),
+        (_fleet("  digest_auth: {username: 'a:b', password_file: /pw}\n"), 6,
+         "fleet.digest_auth.username: at most 256 printable characters without ':'"),
+        (_fleet("  digest_auth: {username: a}\n"), 6, "fleet.digest_auth: missing required key 'password_file'"),
+        (_fleet("  zk: x\n"), 6, "fleet: unknown key 'zk'"),
+    ],
+)
+def test_bad_fleet_sections_are_file_line_errors(text, line, fragment):
+    with pytest.raises(PolicyError) as e:
+        parse_policy(text, "p.yml")
+    assert any(p.line == line and fragment in p.message for p in e.value.problems), e.value.problems
+
+
+def test_check_command_names_the_fleet_budget(tmp_path, capsys):
+    f = tmp_path / "p.yml"
+    f.write_text(_fleet())
+    assert policy_check(str(f)) == 0
+    assert capsys.readouterr().out.strip() == f"{f}: OK (0 rules, fleet budget 10 at /lbj/pulls/ceph-a on zk1:2181,zk2:2181)"
 
 
 def test_a_fifo_as_the_policy_file_is_an_error_not_a_wait(tmp_path, capsys):

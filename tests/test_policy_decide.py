@@ -434,7 +434,7 @@ def test_disconnected_snapshot_decides_nothing():
 
 
 def test_deferred_reasons_are_the_documented_label_values():
-    assert DEFER_REASONS == ("window", "concurrency", "space", "backoff", "active_job", "gave_up", "dry_run")
+    assert DEFER_REASONS == ("window", "concurrency", "fleet", "space", "backoff", "active_job", "gave_up", "dry_run")
 
 
 def test_matches_can_be_precomputed():
@@ -443,3 +443,43 @@ def test_matches_can_be_precomputed():
     m = match_disks(s, p)
     plan = evaluate(s, p, MONDAY_2AM, History.empty(), Space(), True, matches=m)
     assert plan == run(s, p)
+
+
+# ------------------------------------------------------------------ fleet budget
+
+FLEET = "fleet:\n  zookeeper: zk1:2181\n  path: /pulls\n  max_concurrent: {n}\n"
+
+
+def fleet_policy(n: int, local: int = 10):
+    return parse_policy("rules:\n" + ALL + "limits:\n" + ALL_LIMITS.format(n=local) + FLEET.format(n=n), "t.yml")
+
+
+@pytest.mark.parametrize("enforcing", [True, False])
+def test_the_fleet_budget_caps_starts_and_would_starts_after_the_local_cap(enforcing):
+    from exporter.policy.decide import FleetView
+
+    s = snap([disk(f"d{i}") for i in range(5)])
+    p = fleet_policy(3)
+    plan = evaluate(s, p, MONDAY_2AM, History.empty(), Space(), enforcing, fleet=FleetView(True, 3, 1))
+    reasons = [d.reason for d in plan.decisions]
+    assert reasons == ["start" if enforcing else "dry_run"] * 2 + ["fleet"] * 3
+    assert plan.decisions[2].detail == "3 fleet leases taken >= fleet max_concurrent 3"
+    assert plan.deferred[("all", "fleet")] == 3
+    # The local cap still comes first.
+    plan = evaluate(s, fleet_policy(3, local=1), MONDAY_2AM, History.empty(), Space(), enforcing,
+                    fleet=FleetView(True, 3, 0))
+    assert [d.reason for d in plan.decisions][1:] == ["concurrency"] * 4
+
+
+def test_an_unusable_or_unknown_fleet_budget_starts_nothing():
+    from exporter.policy.decide import FleetView
+
+    s = snap([disk("a")])
+    down = evaluate(s, fleet_policy(3), MONDAY_2AM, History.empty(), Space(), True,
+                    fleet=FleetView(False, 3, 0, "connection to ZooKeeper lost; reconnecting"))
+    assert [(d.action, d.reason) for d in down.decisions] == [("defer", "fleet")]
+    assert "connection to ZooKeeper lost" in down.decisions[0].detail
+    unknown = evaluate(s, fleet_policy(3), MONDAY_2AM, History.empty(), Space(), True)
+    assert [(d.action, d.reason) for d in unknown.decisions] == [("defer", "fleet")]
+    # Without a fleet section a view is ignored.
+    assert run(s, policy(ALL)).decisions[0].action == "start"

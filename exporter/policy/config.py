@@ -167,10 +167,39 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class FleetTLS:
+    ca_file: str | None = None  # None: the system's CAs
+    cert_file: str | None = None  # client certificate (with key_file) for mutual TLS
+    key_file: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class FleetDigest:
+    username: str
+    password_file: str  # read at connect time: the policy file stays free of secrets
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A pull budget shared through ZooKeeper by every exporter using the same ``path``."""
+
+    zookeeper: str  # kazoo connection string: host:port[,host:port...][/chroot]
+    path: str
+    max_concurrent: int
+    session_timeout: float = 10.0
+    timeout: float = 5.0  # one ZooKeeper operation (a lease taken, the leases listed)
+    host_lost_after: float = 1800.0  # a host silent this long loses its leases
+    tls: FleetTLS | None = None
+    digest_auth: FleetDigest | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     rules: tuple[Rule, ...]
     limits: Limits
     source: str = ""  # file name it was loaded from
+    fleet: Fleet | None = None  # None: no fleet-wide budget
 
     @property
     def rule_names(self) -> tuple[str, ...]:
@@ -184,6 +213,11 @@ MAX_COUNT = 1_000_000  # max_concurrent, max_attempts, min_backing_depth (a big 
 MAX_RETRY_AFTER = 365 * 86400.0
 MAX_RATIO = 100.0
 MAX_TEXT = 4096  # characters of a rule name or a glob
+MAX_FLEET_PULLS = 10_000  # fleet max_concurrent: every lease is listed on each sync
+MAX_CONNECT = 1024  # characters of the ZooKeeper connection string
+MAX_ZK_HOSTS = 32
+MAX_ZK_PATH = 512
+MAX_ZK_PATH_DEPTH = 16
 
 ReadFn = Callable[[Reader, Node, str], object]  # (reader, value node, where) -> value or ABSENT
 
@@ -233,7 +267,8 @@ def _policy(r: Reader, root: Node | None) -> Policy | None:
         r.error(1, "policy file is empty; expected a mapping with 'rules'")
         return None
     top = _section(r, root, "policy", _TOP, required=("rules",), prefix="")
-    return None if top is ABSENT else Policy(rules=top["rules"], limits=top.get("limits", Limits()), source=r.path)
+    return None if top is ABSENT else Policy(rules=top["rules"], limits=top.get("limits", Limits()), source=r.path,
+                                              fleet=top.get("fleet"))
 
 
 def _rules(r: Reader, node: Node, where: str):
@@ -366,4 +401,109 @@ _LIMITS: dict[str, ReadFn] = {
                                     why=" (a pull must fit on the overlay's filesystem)"),
     "max_attempts": _count,
 }
-_TOP: dict[str, ReadFn] = {"rules": _rules, "limits": partial(_section, readers=_LIMITS, make=Limits)}
+_ZK_HOST = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(?::(\d{1,5}))?", re.ASCII)
+_ZK_NODE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}", re.ASCII)
+
+
+def zk_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a ZooKeeper path we accept: absolute, plain characters, no reserved node."""
+    if not path.startswith("/") or path == "/":
+        return "must be an absolute path below / such as /libvirt-blockjob/pulls/ceph-a"
+    if len(path) > MAX_ZK_PATH:
+        return f"longer than {MAX_ZK_PATH} characters"
+    parts = path[1:].split("/")
+    if len(parts) > MAX_ZK_PATH_DEPTH:
+        return f"more than {MAX_ZK_PATH_DEPTH} levels"
+    for part in parts:
+        if not part:
+            return "empty path component (// or a trailing /)"
+        if part in (".", "..") or not _ZK_NODE.fullmatch(part):
+            return f"bad path component {short(part)}: use letters, digits and . _ : @ + = -"
+    if parts[0] == "zookeeper":
+        return "/zookeeper is reserved by ZooKeeper"
+    return None
+
+
+def zk_connect_problem(text: str) -> str | None:
+    """Why ``text`` is not a ZooKeeper connection string (host:port[,host:port...][/chroot])."""
+    if len(text) > MAX_CONNECT:
+        return f"longer than {MAX_CONNECT} characters"
+    hosts, slash, chroot = text.partition("/")
+    if slash:
+        problem = zk_path_problem("/" + chroot)
+        if problem:
+            return f"chroot: {problem}"
+    items = hosts.split(",")
+    if len(items) > MAX_ZK_HOSTS:
+        return f"more than {MAX_ZK_HOSTS} servers"
+    for item in items:
+        m = _ZK_HOST.fullmatch(item.strip())
+        if m is None:
+            return f"bad server {short(item)}: expected host:port, e.g. zk1:2181"
+        if m[2] is not None and not 1 <= int(m[2]) <= 65535:
+            return f"bad port in {short(item)}: expected 1..65535"
+    return None
+
+
+def _checked(check: Callable[[str], str | None], r: Reader, node: Node, where: str):
+    value = r.string(node, where)
+    if value is ABSENT:
+        return ABSENT
+    problem = check(value)
+    if problem:
+        r.error(node, f"{where}: {problem}")
+        return ABSENT
+    return value
+
+
+def _file(r: Reader, node: Node, where: str):
+    return _text(r, node, where, "empty path")
+
+
+def _username(r: Reader, node: Node, where: str):
+    value = _text(r, node, where, "must not be empty")
+    if value is not ABSENT and (len(value) > 256 or ":" in value or not value.isprintable()):
+        r.error(node, f"{where}: at most 256 printable characters without ':'")
+        return ABSENT
+    return value
+
+
+def _tls(r: Reader, node: Node, where: str):
+    values = _section(r, node, where, {"ca_file": _file, "cert_file": _file, "key_file": _file,
+                                       "verify": Reader.boolean}, FleetTLS)
+    if values is not ABSENT and (values.cert_file is None) != (values.key_file is None):
+        r.error(node, f"{where}: cert_file and key_file go together")
+        return ABSENT
+    return values
+
+
+def _fleet(r: Reader, node: Node, where: str):
+    readers: dict[str, ReadFn] = {
+        "zookeeper": partial(_checked, zk_connect_problem),
+        "path": partial(_checked, zk_path_problem),
+        "max_concurrent": partial(Reader.integer, minimum=1, maximum=MAX_FLEET_PULLS),
+        "session_timeout": partial(Reader.duration, maximum=120.0),
+        "timeout": partial(Reader.duration, maximum=60.0),
+        "host_lost_after": partial(Reader.duration, maximum=30 * 86400.0),
+        "tls": _tls,
+        "digest_auth": partial(_section, readers={"username": _username, "password_file": _file},
+                               make=FleetDigest, required=("username", "password_file")),
+    }
+    fleet = _section(r, node, where, readers, Fleet, required=("zookeeper", "path", "max_concurrent"))
+    if fleet is ABSENT:
+        return ABSENT
+    problems = []
+    if fleet.session_timeout < 2.0:
+        problems.append(f"{where}.session_timeout: must be at least 2s")
+    if fleet.timeout < 0.1:
+        problems.append(f"{where}.timeout: must be at least 100ms")
+    if fleet.host_lost_after < max(10.0, 3 * fleet.session_timeout):
+        problems.append(f"{where}.host_lost_after: must be at least 10s and 3 x session_timeout, so a host that "
+                        "is merely restarting keeps its leases")
+    for problem in problems:
+        r.error(node, problem)
+    return ABSENT if problems else fleet
+
+
+_TOP: dict[str, ReadFn] = {"rules": _rules, "limits": partial(_section, readers=_LIMITS, make=Limits),
+                           "fleet": _fleet}

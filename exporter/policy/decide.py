@@ -17,7 +17,7 @@ from exporter.model import BackingImage, DiskInfo, DiskKey, Snapshot
 from .config import Policy, Rule, format_bytes
 
 # The `reason` label values of libvirt_blockjob_policy_deferred; a start has reason "start".
-DEFER_REASONS = ("window", "concurrency", "space", "backoff", "active_job", "gave_up", "dry_run")
+DEFER_REASONS = ("window", "concurrency", "fleet", "space", "backoff", "active_job", "gave_up", "dry_run")
 Verdict = tuple[str, str, str, str | None]  # a Decision's (action, reason, detail, would)
 
 
@@ -57,6 +57,16 @@ class History:
     @staticmethod
     def empty() -> "History":
         return History()
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """The fleet budget as last read from ZooKeeper (``policy.fleet``); the engine's, or plan's, view."""
+
+    usable: bool  # connected, session alive and (enforcing) this host's identity held
+    max_concurrent: int
+    in_use: int  # leases taken across the fleet, this host's included
+    detail: str = ""  # why it is not usable
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,7 @@ class Plan:
     active_jobs: int  # active jobs on the host before this evaluation (foreign + policy pending)
     max_concurrent: int
     connected: bool = True
+    fleet: FleetView | None = None  # the budget decided on; None without a fleet section
 
     @property
     def starts(self) -> tuple[Decision, ...]:
@@ -179,22 +190,28 @@ def match_disks(snapshot: Snapshot, policy: Policy) -> Matches:
 
 
 def evaluate(snapshot: Snapshot, policy: Policy, now: datetime, history: History, space: SpaceFn, enforcing: bool,
-             matches: Matches | None = None) -> Plan:
+             matches: Matches | None = None, fleet: FleetView | None = None) -> Plan:
     """Decide, for every disk a rule matches, whether to start a pull now and why (not).
 
     ``now`` must be timezone-aware local time (windows read its wall clock, backoff its Unix time).
     ``space`` is called only for disks that pass every other check. A dry run simulates enforcing
     (would-starts take slots) and reports would-be starts and aborts as ``defer``/``dry_run``.
+    With ``policy.fleet``, a start also needs a free lease of ``fleet`` (a budget not known to be
+    usable starts nothing); would-starts take leases in the simulation too.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     limits = policy.limits
     counts = {r.name: 0 for r in policy.rules}
     in_window = limits.in_window(now)
+    if policy.fleet is None:
+        fleet = None
+    elif fleet is None:
+        fleet = FleetView(False, policy.fleet.max_concurrent, 0, "the fleet budget has not been read yet")
     if not snapshot.connected:
         # The inventory may be stale and libvirt calls would fail: decide nothing.
         return Plan((), MappingProxyType(counts), MappingProxyType({}), (), enforcing, now, in_window,
-                    len(snapshot.jobs), limits.max_concurrent, connected=False)
+                    len(snapshot.jobs), limits.max_concurrent, connected=False, fleet=fleet)
     if matches is None:
         matches = match_disks(snapshot, policy)
 
@@ -203,12 +220,13 @@ def evaluate(snapshot: Snapshot, policy: Policy, now: datetime, history: History
     pending = {k for k, h in history.disks.items() if h.running}
     busy = set(snapshot.jobs) | pending
     active_before = active = len(busy)
+    leases = fleet.in_use if fleet is not None else 0
     abort_now = limits.abort_outside_window and not in_window
     nxt = None if in_window else limits.next_opening(now)
     window_detail = "outside the start windows" + (f"; next opens {nxt:%a %Y-%m-%d %H:%M}" if nxt else "")
 
     def verdict(c: Candidate) -> Verdict:
-        nonlocal active
+        nonlocal active, leases
         disk = c.disk
         key = disk.key
         h = history.disks.get(key)
@@ -236,6 +254,11 @@ def evaluate(snapshot: Snapshot, policy: Policy, now: datetime, history: History
             return "defer", "window", window_detail, None
         if active >= limits.max_concurrent:
             return "defer", "concurrency", f"{active} active jobs >= max_concurrent {limits.max_concurrent}", None
+        if fleet is not None and not fleet.usable:
+            return "defer", "fleet", f"fleet budget unavailable: {fleet.detail}", None
+        if fleet is not None and leases >= fleet.max_concurrent:
+            return ("defer", "fleet", f"{leases} fleet leases taken >= fleet max_concurrent "
+                    f"{fleet.max_concurrent}", None)
         est = space(disk, c.base_path)
         if est is None:
             return "defer", "space", "cannot estimate the space the pull needs", None
@@ -243,6 +266,7 @@ def evaluate(snapshot: Snapshot, policy: Policy, now: datetime, history: History
             return ("defer", "space", f"needs {limits.min_free_space_ratio:g} x "
                     f"{format_bytes(est.bytes_to_copy)}, {format_bytes(est.free_bytes)} free", None)
         active += 1
+        leases += 1
         what = f"rebase onto {c.base_path}" if c.base_path else "pull"
         detail = f"{what}; {format_bytes(est.bytes_to_copy)} to copy, {format_bytes(est.free_bytes)} free"
         if enforcing:
@@ -271,7 +295,8 @@ def evaluate(snapshot: Snapshot, policy: Policy, now: datetime, history: History
                                           detail=detail, would=would))
 
     return Plan(tuple(decisions), MappingProxyType(counts), MappingProxyType(deferred), matches.unmatched,
-                enforcing, now, in_window, active_before, limits.max_concurrent)
+                enforcing, now, in_window, active_before, limits.max_concurrent, fleet=fleet)
+
 
 
 def _abort_verdict(key: DiskKey, snapshot: Snapshot, h: DiskHistory | None, enforcing: bool) -> Verdict | None:

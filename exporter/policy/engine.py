@@ -44,7 +44,8 @@ class PolicyEngine:
 
     def __init__(self, policy_path: str, enforcing: bool, host: PolicyHost | None,
                  clock: Callable[[], float] = time.time, now: Callable[[], datetime] | None = None,
-                 space: SpaceFn = estimate_space, lost_after: float = 600.0):
+                 space: SpaceFn = estimate_space, lost_after: float = 600.0, host_id: str | None = None,
+                 on_fleet_change: Callable[[], None] | None = None, fleet_client=None):
         if enforcing and host is None:
             raise ValueError("an enforcing policy engine needs a host")
         self._path = policy_path
@@ -66,6 +67,16 @@ class PolicyEngine:
         self._last_plan: Plan | None = None
         self._logged: dict[DiskKey, tuple] = {}
         self._match_cache: tuple[Policy, object, int, frozenset, Matches] | None = None
+        self._fleet = None
+        self._starting: set[DiskKey] = set()  # disks whose fleet lease is being taken for a start
+        self._adopted_generation = 0  # the fleet identity generation whose leases were taken back
+        if self._policy.fleet is not None:
+            import socket
+
+            from .fleet import FleetBudget
+
+            self._fleet = FleetBudget(self._policy.fleet, host_id or socket.gethostname(), self._enforcing,
+                                      needs=self._fleet_needs, on_change=on_fleet_change, client=fleet_client)
         log.info("policy %s loaded (%d rules, %s)", policy_path, len(self._policy.rules),
                  "enforcing" if enforcing else "dry run")
 
@@ -89,12 +100,61 @@ class PolicyEngine:
         with self._lock:
             return self._last_plan
 
+    @property
+    def fleet(self):
+        """The FleetBudget of the policy's ``fleet`` section, or None."""
+        return self._fleet
+
+    def start(self) -> None:
+        """Start talking to ZooKeeper (with a ``fleet`` section); no-op otherwise."""
+        if self._fleet is not None:
+            self._fleet.start()
+
+    def stop(self) -> None:
+        if self._fleet is not None:
+            self._fleet.stop()
+
+    def _fleet_needs(self) -> tuple[int, frozenset, frozenset]:
+        """For the fleet's sync: which of this host's leases must stay (see FleetBudget)."""
+        with self._lock:
+            return (self._adopted_generation, frozenset(k for k, h in self._history.items() if h.running),
+                    frozenset(self._starting))
+
+    def _take_back(self) -> None:
+        """After this host's fleet identity is (re)gained: the pulls its leases cover that still run
+        are this policy's again (their outcome counts, then the lease goes); the others' leases go."""
+        adoption = self._fleet.adoption() if self._fleet is not None and self._enforcing else None
+        if adoption is None or adoption[0] == self._adopted_generation:
+            return
+        generation, leases = adoption
+        snapshot = self._host.fresh_snapshot() if leases else None  # every disk's job as it is now
+        if snapshot is not None and not snapshot.connected:
+            return  # libvirt down: try again on the next evaluation
+        with self._lock:
+            for key, lease in sorted(leases.items()):
+                h = self._history.get(key)
+                job = snapshot.jobs.get(key)
+                if (h is not None and h.running) or job is None or job.job_type not in ("pull", "unknown"):
+                    continue
+                disk = snapshot.disks.get(key)
+                rule = lease.rule or (h.rule if h else "")
+                self._history[key] = replace(h or DiskHistory(rule=rule), rule=rule, running_since=lease.started,
+                                             aborting=False, started_chain=disk.backing_chain if disk else None)
+                log.info("policy: took back the running pull on %s/%s (rule %s) and its fleet lease", key[0], key[1],
+                         rule)
+            self._adopted_generation = generation
+        ended = [k for k in leases if snapshot is None or k not in snapshot.jobs]
+        if ended:
+            log.info("policy: %d fleet leases of this host cover no running pull any more; releasing them",
+                     len(ended))
+
     def history(self) -> History:
         with self._lock:
             return History(MappingProxyType(dict(self._history)))
 
     def evaluate_and_act(self, snapshot: Snapshot) -> Plan:
         with self._act_lock:
+            self._take_back()
             plan, policy = self._evaluate(snapshot)
             if self._enforcing and plan.starts:
                 # max_concurrent counts every job on the host: decide again on the jobs as they
@@ -102,10 +162,17 @@ class PolicyEngine:
                 snapshot = self._host.fresh_snapshot()
                 plan, policy = self._evaluate(snapshot)
             if self._enforcing:
-                plan = replace(plan, decisions=tuple(self._act(d, snapshot, policy) for d in plan.decisions))
+                decisions = tuple(self._act(d, snapshot, policy) for d in plan.decisions)
+                deferred = dict(plan.deferred)
+                for before, d in zip(plan.decisions, decisions):  # starts the fleet refused at the last moment
+                    if before.action == "start" and d.action == "defer":
+                        deferred[(d.rule, d.reason)] = deferred.get((d.rule, d.reason), 0) + 1
+                plan = replace(plan, decisions=decisions, deferred=MappingProxyType(deferred))
             with self._lock:
                 self._last_plan = plan
             self._log_changes(plan)
+            if self._fleet is not None:
+                self._fleet.wake()  # release the leases of pulls that ended, at once
             return plan
 
     def _evaluate(self, snapshot: Snapshot) -> tuple[Plan, Policy]:
@@ -113,8 +180,9 @@ class PolicyEngine:
             policy = self._policy
             self._reconcile(snapshot, policy)
             history = History(MappingProxyType(dict(self._history)))
+        fleet = self._fleet.view() if self._fleet is not None else None
         plan = evaluate(snapshot, policy, self._now(), history, self._space, self._enforcing,
-                        self._matches(snapshot, policy))
+                        self._matches(snapshot, policy), fleet=fleet)
         return plan, policy
 
     def _matches(self, snapshot: Snapshot, policy: Policy) -> Matches:
@@ -150,6 +218,20 @@ class PolicyEngine:
         return d
 
     def _start(self, d: Decision, snapshot: Snapshot, policy: Policy) -> Decision:
+        if self._fleet is None:
+            return self._start_pull(d, snapshot, policy)
+        with self._lock:
+            self._starting.add(d.key)  # the fleet's sync must not release the lease being taken
+        try:
+            ok, why = self._fleet.acquire(d.key, d.rule)
+            if not ok:
+                return replace(d, action="defer", reason="fleet", detail=why)
+            return self._start_pull(d, snapshot, policy)  # a failed start's lease goes at the next sync
+        finally:
+            with self._lock:
+                self._starting.discard(d.key)
+
+    def _start_pull(self, d: Decision, snapshot: Snapshot, policy: Policy) -> Decision:
         started = self._clock()
         try:
             if d.base_path:
@@ -236,6 +318,9 @@ class PolicyEngine:
         """Re-read the policy file (SIGHUP). Any failure, even unforeseen, keeps the old policy and reports 0."""
         try:
             new = load_policy(self._path)
+            if new.fleet != self._policy.fleet:
+                raise PolicyError([f"{self._path}: the fleet section cannot change on reload (its leases are "
+                                   "held under the running one); restart the exporter to apply it"])
         except Exception as e:  # PolicyError, and anything the loader failed to foresee
             problems = e.problems if isinstance(e, PolicyError) else [f"{self._path}: {type(e).__name__}: {e}"]
             for problem in problems:
@@ -274,6 +359,22 @@ class PolicyEngine:
         for family, counts in zip(counters, (started, errors)):
             for rule in sorted(counts):
                 family.add_metric([rule], float(counts[rule]))
+        fleet = []
+        if self._fleet is not None:
+            view = self._fleet.view()
+            fleet = [
+                GaugeMetricFamily("libvirt_blockjob_policy_fleet_connected",
+                                  "1 while the fleet budget in ZooKeeper can be used (connected, session alive, "
+                                  "this host's identity held)", value=1.0 if view.usable else 0.0),
+                GaugeMetricFamily("libvirt_blockjob_policy_fleet_leases",
+                                  "Fleet leases this host holds (as last read from ZooKeeper)",
+                                  value=float(self._fleet.held())),
+                GaugeMetricFamily("libvirt_blockjob_policy_fleet_leases_in_use",
+                                  "Fleet leases held by every host sharing the budget (as last read)",
+                                  value=float(view.in_use)),
+                GaugeMetricFamily("libvirt_blockjob_policy_fleet_max_concurrent",
+                                  "Size of the fleet-wide pull budget", value=float(view.max_concurrent)),
+            ]
         return [
             GaugeMetricFamily("libvirt_blockjob_policy_enforcing", "1 with --policy.enforce, 0 in dry run",
                               value=1.0 if self._enforcing else 0.0),
@@ -284,6 +385,7 @@ class PolicyEngine:
                               "1 if the last policy (re)load succeeded", value=1.0 if reload_ok else 0.0),
             GaugeMetricFamily("libvirt_blockjob_policy_last_reload_success_timestamp_seconds",
                               "Unix time of the last successful policy (re)load", value=reload_time),
+            *fleet,
         ]
 
     def _log_changes(self, plan: Plan) -> None:
@@ -323,6 +425,11 @@ def format_plan_table(plan: Plan) -> str:
         f"Policy plan at {plan.now:%Y-%m-%d %H:%M:%S %z} ({mode}; {window}; "
         f"{plan.active_jobs} active job{'s' if plan.active_jobs != 1 else ''}, max_concurrent {plan.max_concurrent})"
     ]
+    if plan.fleet is not None:
+        f = plan.fleet
+        lines.append(f"Fleet budget: {f.in_use} of {f.max_concurrent} leases taken across the fleet, "
+                     f"{max(0, f.max_concurrent - f.in_use)} free (read now; no lease taken)" if f.usable
+                     else f"Fleet budget: unavailable ({_shown(f.detail)}): nothing would start")
     if not plan.connected:
         return "\n".join([*lines, "Not connected to libvirt: no decisions."]) + "\n"
     rows = [(d.domain, d.disk, d.rule, f"would {d.would}" if d.would else f"{d.action} FAILED" if d.error else d.action,
