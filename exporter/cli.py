@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy.fleet.host-id", dest="fleet_host_id", default=None, type=_host_id_flag,
                         help="this host's identity in the policy's fleet budget (ZooKeeper); unique per host and "
                              "the same across restarts, so a restarted exporter takes its pulls back "
-                             "(default: the host name)")
+                             "(the host name when not given)")
     parser.add_argument("--alertmanager.url", dest="alertmanager_url", default=None, type=_url_flag,
                         help="also post block-job failures straight to this Alertmanager (v2 API)")
     parser.add_argument("--alertmanager.resolve-after", dest="alertmanager_resolve_after", default=300.0,
