@@ -188,6 +188,25 @@ def checks(scraper: Scraper, churn: Soak) -> list[str]:
     return problems
 
 
+def timeline(samples: list[Sample], parts: int = 10) -> list[str]:
+    """The run in ``parts`` equal spans: per span, scrapes answered and the medians of RSS, threads,
+    series and live domains (what the README shows of a long run)."""
+    if not samples:
+        return []
+    span = samples[-1].t / parts or 1.0
+    rows = []
+    for i in range(parts):
+        part = [s for s in samples if i * span <= s.t < (i + 1) * span or (i == parts - 1 and s.t == samples[-1].t)]
+        ok = [s for s in part if s.ok]
+        if not ok:
+            continue
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        rows.append(f"{i * span / 60:6.1f}-{(i + 1) * span / 60:6.1f} min: {len(ok)}/{len(part)} scrapes, "
+                    f"RSS {med([s.rss_mib for s in ok]):.1f} MiB, threads {med([s.threads for s in ok])}, "
+                    f"series {med([s.series for s in ok])}, domains {med([s.domains for s in ok])}")
+    return rows
+
+
 def plot(scraper: Scraper, path: str) -> None:
     import matplotlib
 
@@ -226,8 +245,15 @@ def main(argv=None) -> int:
         events = sorted([(churn.rng.uniform(0.1, 0.9) * duration, "libvirtd") for _ in range(args.libvirtd_restarts)]
                         + [(churn.rng.uniform(0.3, 0.7) * duration, "exporter")])
         before_kill: tuple[Counter, Counter] = (Counter(), Counter())
-        begun = time.monotonic()
+        begun = last_report = time.monotonic()
         while time.monotonic() - begun < duration:
+            if time.monotonic() - last_report >= 600:  # a long run shows it is alive
+                last_report = time.monotonic()
+                recent = [s for s in scraper.samples[-600:] if s.ok]
+                print(f"soak: {(last_report - begun) / 60:.0f} min: " + ", ".join(
+                      f"{k} {v}" for k, v in sorted(churn.actions.items()))
+                      + (f"; RSS {recent[-1].rss_mib:.1f} MiB, series {recent[-1].series}" if recent else ""),
+                      flush=True)
             if events and time.monotonic() - begun >= events[0][0]:
                 _, what = events.pop(0)
                 if what == "libvirtd":
@@ -254,6 +280,8 @@ def main(argv=None) -> int:
             print(f"scrapes: {len(ok)} of {len(scraper.samples)} answered, slowest {max(s.seconds for s in ok) * 1000:.0f} ms;"
                   f" RSS {ok[0].rss_mib:.1f} -> {ok[-1].rss_mib:.1f} MiB (max {max(s.rss_mib for s in ok):.1f});"
                   f" threads {ok[0].threads} -> {ok[-1].threads}; series {ok[0].series} -> {ok[-1].series}")
+        for row in timeline(scraper.samples):
+            print("  " + row)
         if args.plot and ok:
             plot(scraper, args.plot)
             print(f"plot: {args.plot}")

@@ -38,14 +38,17 @@ LABEL = f"e2e{uuid.uuid4().hex[:6]}"
 POLICY_RULE = "e2e-flatten"
 STALL_AFTER_S = 4
 THRESHOLDS = {"stalled.after": f"{STALL_AFTER_S}s", "stalled.for": "0s"}
-# Series the alert rules read that exist only while a job runs or after one ended, and the test
-# that makes them; every other one must be scraped from the exporter at any time.
+# Series the alert rules read that exist only while a job runs, after one ended or with a fleet
+# policy, and the test that makes them; every other one must be scraped from the exporter at any time.
 EVENT_ONLY_ALERT_INPUTS = {
     "libvirt_blockjob_failed_total": "after a failure: test_enospc_failure_fires_libvirt_block_job_failed",
     "libvirt_blockjob_cursor_last_change_timestamp_seconds": "while a job runs: test_throttled_pull_fires_...",
     "libvirt_blockjob_ready": "while a job runs: test_throttled_pull_fires_libvirt_block_job_stalled",
     "libvirt_blockjob:eta_seconds:rate5m": "while a job moves: test_every_dashboard_query_has_data (rate1m)",
     "libvirt_blockjob_domain_unresponsive": "while a QEMU hangs: test_integration_core's hung-domain test",
+    "libvirt_blockjob_cursor": "while a job runs: test_throttled_pull_fires_libvirt_block_job_stalled",
+    "libvirt_blockjob_policy_fleet_connected": "with a fleet policy: tests/test_integration_fleet.py",
+    "libvirt_blockjob_policy_fleet_leases": "with a fleet policy: tests/test_integration_fleet.py",
 }
 # Dashboard queries allowed to return nothing in the scenario of test_every_dashboard_query_has_data,
 # as {(panel title, query): reason}. Empty: the scenario gives every query data.
