@@ -106,7 +106,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 COST_COLUMNS = [
     ("disks", "disks", 0), ("domains", "domains", 0), ("active", "active_jobs", 0),
     ("host disks", "host_disks", 0), ("budget", "budget", 0),
-    ("calls/s", "blockjobinfo_per_s", 0), ("discovery s", "discovery_interval_s", 0),
+    ("blockJobInfo/s", "blockjobinfo_per_s", 0), ("calls/s", "calls_per_s", 0), ("discovery s", "discovery_interval_s", 0),
     ("idle CPU %", "idle_cpu_pct", 2), ("libvirtd +CPU %", "libvirtd_added_cpu_pct", 2),
     ("QEMU +CPU %", "qemu_added_cpu_pct", 2), ("floor CPU %", "floor_idle_cpu_pct", 2),
     ("poll ms", "poll_cycle_ms", 2), ("floor ms", "floor_ms", 2), ("poll/floor", "poll_floor_ratio", 2),

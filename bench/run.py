@@ -235,7 +235,7 @@ def idle_cpu(ours: Ours, window: float, qemu_pids: list[int]) -> dict:
     figures = {"idle_cpu_pct": 100.0 * (cpu1 - cpu0) / (t1 - t0), "idle_window_s": t1 - t0,
                "host_busy_pct_during_idle": host_busy, "loadavg": open("/proc/loadavg").read().split()[:3],
                "rss_mib": rss / 1024 / 1024, "idle_calls_per_cycle": per_cycle, "idle_cycles": cycles,
-               "blockjobinfo_per_s": bji / (t1 - t0),
+               "blockjobinfo_per_s": bji / (t1 - t0), "calls_per_s": sum(per_cycle.values()) * cycles / (t1 - t0),
                "discovery_interval_s": after.get("libvirt_blockjob_discovery_interval_seconds", math.nan),
                "series_count": series_count(body), "libvirtd_cpu_pct": libvirtd_pct, "qemu_cpu_pct": qemu_pct}
     problems = [w.problem for w in (libvirtd, qemus) if w.problem] + ([] if lv_pid else ["libvirtd not found"])
@@ -682,6 +682,7 @@ def main(argv=None) -> int:
                                   "calling libvirt; % of one core (qemu_added_cpu: the same for our QEMUs)",
             "blockjobinfo_per_s": "delta of libvirt_blockjob_libvirt_calls_total{method=blockJobInfo} over the "
                                   "idle window / its length",
+            "calls_per_s": "the same for every method (blockJobInfo, XMLDesc, listAllDomains, ...)",
             "series_count": "samples in one uncompressed scrape after the idle window",
             "event_latency": "benchmark's own BLOCK_JOB_2 callback -> first /metrics response with the "
                              "completion counter incremented (tight loop, kept-alive connection, "

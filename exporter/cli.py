@@ -24,7 +24,7 @@ from .logsetup import LEVELS, setup_logging
 log = logging.getLogger("exporter")
 
 DEFAULT_URI = "qemu:///system"
-DEFAULT_CALL_BUDGET = 100
+DEFAULT_CALL_BUDGET = 80
 DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 MAX_FLAG_CHARS = 4096  # any flag value; a path or URL is far shorter
@@ -129,13 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how often the disks with a job are read (default 1s)")
     parser.add_argument("--poll.call-budget", dest="call_budget", default=DEFAULT_CALL_BUDGET,
                         type=_count_flag(0, 100_000),
-                        help="blockJobInfo calls per second for finding jobs started by others: disks with a job are "
-                             "read every interval whatever it is, the others round-robin with what is left "
+                        help="libvirt calls per second for finding jobs started by others and renewing the domain "
+                             "XML: disks with a job are read every interval whatever it is; of what is left, at most "
+                             "half re-reads XML, and the rest sweeps the other disks round-robin "
                              f"(libvirt_blockjob_discovery_interval_seconds); 0 reads every disk every interval "
                              f"(default {DEFAULT_CALL_BUDGET})")
     parser.add_argument("--inventory.refresh-interval", dest="inventory_interval", default=30.0,
                         type=_duration_flag(1.0, 86400),
-                        help="full re-read of domains and backing chains, besides event-driven refreshes (default 30s)")
+                        help="how often the domain list is read and each domain's XML (its disks and backing chains) "
+                             "is re-read, besides event-driven refreshes; the re-reads are spread over the poll "
+                             "cycles within the call budget (default 30s)")
     parser.add_argument("--state.file", dest="state_file", default=DEFAULT_STATE_FILE, type=_path_flag,
                         help="where the jobs being tracked are kept across restarts, so that a job that ends while "
                              f"the exporter is down is still counted; '' keeps nothing (default {DEFAULT_STATE_FILE})")

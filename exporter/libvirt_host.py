@@ -13,7 +13,9 @@ jobs and runs the post-cycle hook (the policy engine).
 What is read when: a disk with a job, every poll interval. The other disks are only read to find
 jobs that someone else started (``BLOCK_JOB_2`` counts every end, even of a job never seen), so
 they are swept round-robin with what the call budget (calls per second) leaves: small hosts still
-get every disk every interval, large ones a longer discovery interval (exported). Whatever hints at
+get every disk every interval, large ones a longer discovery interval (exported). The domain XML,
+re-read for what sends no event (a snapshot's new layer), is paid from the same budget, spread
+over the cycles, so the calls per second stay bounded whatever the host runs. Whatever hints at
 a new job has its domain's disks read at once: a block-job or lifecycle event, a changed domain
 XML, a pull the policy starts. A resync and the policy's decisions read every disk.
 
@@ -25,6 +27,7 @@ group: on QEMU 7.2 the ``query-named-block-nodes`` they send can segfault QEMU a
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import math
 import queue
@@ -67,7 +70,7 @@ class LibvirtHost:
         self._state = state
         self._stats = stats
         self._poll_interval = poll_interval
-        self._call_budget = call_budget  # blockJobInfo calls per second; 0: every disk every interval
+        self._call_budget = call_budget  # periodic calls per second; 0: every disk every interval
         self._swept_up_to: tuple[str, str] = ("", "")  # the sweep goes on after this disk
         self._inventory_interval = inventory_interval
         self._on_outcomes = on_outcomes
@@ -95,6 +98,7 @@ class LibvirtHost:
         self._domains: dict[str, libvirt.virDomain] = {}
         self._disks_by_domain: dict[str, tuple[str, ...]] = {}
         self._parsed_xml: dict[str, tuple[str, tuple[DiskInfo, ...]]] = {}
+        self._xml_read_at: dict[str, float] = {}  # when each domain's XML was last read (monotonic)
         self._targets: list[Target] | None = None  # None = rebuild
         self._read_now: set[str] = set()  # domains whose disks are read at once
 
@@ -225,8 +229,8 @@ class LibvirtHost:
             self._post(self._state.expire, wait=True)
             self._stats.poll_cycle(time.monotonic() - started, time.time())
         if time.monotonic() - self._last_inventory >= self._inventory_interval:
-            with self._holding_event_loop():  # one XMLDesc per domain: the same wakeups as a poll
-                inventory, instances = self._list_inventory()
+            with self._holding_event_loop():  # XMLDesc only of new domains: the poll re-reads the others
+                inventory, instances = self._list_inventory(reread=False)
             self._post(lambda: self._state.replace_inventory(inventory, instances))
             self._read_hinted()
         if self._after_cycle is not None and not self._lost.is_set():
@@ -277,22 +281,31 @@ class LibvirtHost:
         new job)."""
         if xml is None:
             xml = self._call("XMLDesc", dom.XMLDesc, 0)
+            self._xml_read_at[name] = time.monotonic()
         parsed = self._parsed_xml.get(name)
         if parsed is None or parsed[0] != xml:
             parsed = self._parsed_xml[name] = (xml, tuple(parse_disks(name, xml)))
             self._read_now.add(name)
-        self._domains[name] = dom
-        self._disks_by_domain[name] = tuple(d.disk for d in parsed[1])
-        self._targets = None
+        disks = tuple(d.disk for d in parsed[1])
+        if self._domains.get(name) is not dom or self._disks_by_domain.get(name) != disks:
+            self._domains[name], self._disks_by_domain[name] = dom, disks
+            self._targets = None
         return parsed[1]
 
-    def _list_inventory(self) -> tuple[dict[str, tuple[DiskInfo, ...]], dict[str, DomainInstance]]:
+    def _list_inventory(self, reread: bool = True) -> tuple[dict[str, tuple[DiskInfo, ...]], dict[str, DomainInstance]]:
+        """The running domains and their disks. Without ``reread``, a domain already known in the
+        same run keeps the XML last read (``_reread_xml`` renews it, paid from the call budget)."""
         domains = self._call("listAllDomains", self._connection.conn.listAllDomains,
                              libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        before = self._domains
         self._domains, self._disks_by_domain = {}, {}
         inventory: dict[str, tuple[DiskInfo, ...]] = {}
         for dom in domains:
             name = dom.name()
+            known = self._parsed_xml.get(name)
+            if not reread and known is not None and name in before and instance_of(before[name]) == instance_of(dom):
+                inventory[name] = self._domain_disks(name, dom, known[0])
+                continue
             try:
                 inventory[name] = self._domain_disks(name, dom)
             except libvirt.libvirtError as err:
@@ -302,6 +315,7 @@ class LibvirtHost:
                     # Still running, its XML unreadable for now: its disks (and jobs) stay as they were.
                     inventory[name] = self._domain_disks(name, dom, known[0])
         self._parsed_xml = {name: parsed for name, parsed in self._parsed_xml.items() if name in inventory}
+        self._xml_read_at = {name: t for name, t in self._xml_read_at.items() if name in inventory}
         self._targets = None
         self._last_inventory = time.monotonic()
         return inventory, {name: instance_of(dom) for name, dom in self._domains.items()}
@@ -336,7 +350,7 @@ class LibvirtHost:
                 raise
             disks = None
         if disks is None:
-            for known in (self._domains, self._disks_by_domain, self._parsed_xml):
+            for known in (self._domains, self._disks_by_domain, self._parsed_xml, self._xml_read_at):
                 known.pop(name, None)
             self._targets = None
             gone = LifecycleEvent(name, "stopped", time.monotonic(), time.time())
@@ -354,17 +368,59 @@ class LibvirtHost:
         targets = self._all_targets()
         with_job = sorted((t for t in targets if t.key in moved), key=lambda t: -moved[t.key])
         lost = {a.domain for a in self._read(with_job) if a.info is None}
-        idle = self._sweep([t for t in targets if t.key not in moved], len(with_job))
+        xml_room = self._xml_room(len(with_job))
+        idle = self._sweep([t for t in targets if t.key not in moved], len(with_job) + xml_room)
         found = {a.domain for a in self._read(idle) if a.info is not None}
+        self._reread_xml(xml_room)
         # Have the disks read again (the next cycle's refresh) where a job appeared, so that its
         # end is judged against the chain it started from, and where the poll lost one, so that
         # an end without an event is judged from the disk as it is after it.
         with self._refresh_lock:
             self._refresh_domains.update(lost, found)
 
+    def _xml_room(self, busy: int) -> int:
+        """How many domains' XML this cycle may re-read: each domain's once per inventory interval,
+        spread over the cycles and at most half of what the budget leaves after the disks with a job
+        (at least one); without a budget, every domain due."""
+        if self._call_budget <= 0:
+            return len(self._xml_read_at)
+        due_per_cycle = math.ceil(len(self._xml_read_at) * self._poll_interval / self._inventory_interval)
+        return min(due_per_cycle, max(1, (int(self._call_budget * self._poll_interval) - busy) // 2))
+
+    def _reread_xml(self, room: int) -> None:
+        """Re-read the XML of the domains read longest ago, if older than the inventory interval: a
+        new layer (a snapshot) or disk sends no event. A changed disk list goes to the state."""
+        limit = time.monotonic() - self._inventory_interval
+        due = heapq.nsmallest(room, (n for n, t in self._xml_read_at.items() if t <= limit), key=self._xml_read_at.get)
+        if not due:
+            return
+        with self._holding_event_loop():
+            for name in due:
+                dom, before = self._domains.get(name), self._parsed_xml.get(name)
+                if dom is None:
+                    self._xml_read_at.pop(name, None)
+                    continue
+                try:
+                    disks = self._domain_disks(name, dom)
+                except libvirt.libvirtError as err:
+                    if not self._connection.alive():
+                        raise
+                    self._xml_read_at[name] = time.monotonic()  # tried: not again at once
+                    if err.get_error_code() in DOMAIN_GONE_ERRORS:
+                        with self._refresh_lock:
+                            self._refresh_domains.add(name)  # the next cycle finds it stopped
+                    else:
+                        self._warn.warning(f"xml:{name}", "cannot read the XML of %s: %s", name, err)
+                    continue
+                if self._parsed_xml.get(name) is not before:
+                    instance = instance_of(dom)
+                    self._post(lambda name=name, disks=disks, instance=instance:
+                               self._state.update_domain(name, disks, instance))
+
     def _sweep(self, idle: list[Target], busy: int) -> list[Target]:
         """The disks without a job to read this cycle: the next ones after the last swept, in key
-        order, as many as the budget leaves after the disks with a job (at least one)."""
+        order, as many as the budget leaves after the disks with a job and the XML re-reads (at
+        least one)."""
         if self._call_budget <= 0 or not idle:
             self._stats.discovery(self._poll_interval)
             return idle

@@ -234,3 +234,79 @@ def test_an_unreadable_xml_of_a_running_domain_keeps_its_disks_and_jobs():
     second, instances = host._list_inventory()
     assert second == first and set(instances) == {"d"}
     assert host._disks_by_domain == {"d": ("vda",)}
+
+
+def _xml(name: str, *layers: str) -> str:
+    disks = "".join(f"<disk type='file' device='disk'><driver type='qcow2'/><source file='/img/{name}-{layer}'/>"
+                    f"<target dev='vd{chr(97 + i)}'/></disk>" for i, layer in enumerate(layers))
+    return f"<domain><name>{name}</name><devices>{disks}</devices></domain>"
+
+
+class XmlDomain:
+    """A domain whose XML can change and whose XMLDesc calls are counted."""
+
+    def __init__(self, name: str, id_: int = 1) -> None:
+        self._name, self._id, self.reads, self.xml, self.error = name, id_, 0, _xml(name, "top"), None
+
+    def name(self):
+        return self._name
+
+    def XMLDesc(self, flags):  # noqa: N802
+        self.reads += 1
+        if self.error is not None:
+            raise self.error
+        return self.xml
+
+    def UUIDString(self):  # noqa: N802
+        return f"uuid-{self._name}"
+
+    def ID(self):  # noqa: N802
+        return self._id
+
+
+def test_the_xml_is_re_read_from_the_budget_spread_over_the_cycles_and_a_change_reaches_the_state():
+    """The periodic listing reads no known domain's XML; each cycle re-reads the XML of the domains
+    read longest ago (once per inventory interval each, at most half of what the jobs leave), and a
+    changed disk list (a snapshot's new layer, a new disk: no event) reaches the state."""
+    doms = {f"d{i:02d}": XmlDomain(f"d{i:02d}") for i in range(12)}
+
+    class Conn:
+        def listAllDomains(self, flags):  # noqa: N802
+            return list(doms.values())
+
+    state = State()
+    host = LibvirtHost("qemu:///nowhere", state, SelfStats(), poll_interval=1.0, inventory_interval=4.0,
+                       call_budget=10)
+    host._connection.conn = Conn()
+    inventory, instances = host._list_inventory()
+    state.replace_inventory(inventory, instances)
+    assert all(d.reads == 1 for d in doms.values())
+    host._list_inventory(reread=False)
+    assert all(d.reads == 1 for d in doms.values())  # known, same run: the XML last read stands
+
+    assert host._xml_room(0) == 3  # 12 domains / 4 cycles
+    assert host._xml_room(9) == 1  # the jobs take nearly everything: still one
+    unlimited = LibvirtHost("qemu:///nowhere", State(), SelfStats(), inventory_interval=4.0)
+    unlimited._xml_read_at = dict(host._xml_read_at)
+    assert unlimited._xml_room(0) == 12
+
+    host._reread_xml(3)
+    assert sum(d.reads for d in doms.values()) == 12  # none due yet
+    for i, name in enumerate(sorted(doms)):  # read 10 s ago, d00 longest ago
+        host._xml_read_at[name] = time.monotonic() - 10 - (12 - i)
+    doms["d01"].xml = _xml("d01", "top", "extra")  # a new disk
+    host._reread_xml(3)
+    assert [d.reads for d in doms.values()][:4] == [2, 2, 2, 1]
+    assert ("d01", "vdb") in state.snapshot().disks and host._disks_by_domain["d01"] == ("vda", "vdb")
+
+    doms["d03"].error = libvirt.libvirtError("no domain")
+    doms["d03"].error.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "no domain", 0, "", "", "", 0, 0)
+    host._connection.alive = lambda: True
+    host._reread_xml(3)
+    assert host._refresh_domains == {"d03"}  # the next cycle's refresh finds it stopped
+    assert [d.reads for d in doms.values()][3:6] == [2, 2, 2]
+
+    # A domain that restarted under the same name is read again by the listing.
+    doms["d07"] = XmlDomain("d07", id_=2)
+    host._list_inventory(reread=False)
+    assert doms["d07"].reads == 1 and sum(d.reads for n, d in doms.items() if n != "d07") == 12 + 3 + 2
