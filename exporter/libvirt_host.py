@@ -368,24 +368,24 @@ class LibvirtHost:
         targets = self._all_targets()
         with_job = sorted((t for t in targets if t.key in moved), key=lambda t: -moved[t.key])
         lost = {a.domain for a in self._read(with_job) if a.info is None}
-        xml_room = self._xml_room(len(with_job))
-        idle = self._sweep([t for t in targets if t.key not in moved], len(with_job) + xml_room)
+        xml_share = self._xml_share(len(with_job))
+        idle = self._sweep([t for t in targets if t.key not in moved], len(with_job) + xml_share)
         found = {a.domain for a in self._read(idle) if a.info is not None}
-        self._reread_xml(xml_room)
+        self._reread_xml(math.ceil(xml_share))
         # Have the disks read again (the next cycle's refresh) where a job appeared, so that its
         # end is judged against the chain it started from, and where the poll lost one, so that
         # an end without an event is judged from the disk as it is after it.
         with self._refresh_lock:
             self._refresh_domains.update(lost, found)
 
-    def _xml_room(self, busy: int) -> int:
-        """How many domains' XML this cycle may re-read: each domain's once per inventory interval,
-        spread over the cycles and at most half of what the budget leaves after the disks with a job
-        (at least one); without a budget, every domain due."""
+    def _xml_share(self, busy: int) -> float:
+        """The calls per cycle the budget sets aside for XML re-reads: each domain's once per
+        inventory interval, spread over the cycles, and at most half of what the disks with a job
+        leave (at least one re-read a cycle then); without a budget, every domain."""
         if self._call_budget <= 0:
-            return len(self._xml_read_at)
-        due_per_cycle = math.ceil(len(self._xml_read_at) * self._poll_interval / self._inventory_interval)
-        return min(due_per_cycle, max(1, (int(self._call_budget * self._poll_interval) - busy) // 2))
+            return float(len(self._xml_read_at))
+        share = len(self._xml_read_at) * self._poll_interval / self._inventory_interval
+        return min(share, max(0.5, (self._call_budget * self._poll_interval - busy) / 2))
 
     def _reread_xml(self, room: int) -> None:
         """Re-read the XML of the domains read longest ago, if older than the inventory interval: a
@@ -417,14 +417,14 @@ class LibvirtHost:
                     self._post(lambda name=name, disks=disks, instance=instance:
                                self._state.update_domain(name, disks, instance))
 
-    def _sweep(self, idle: list[Target], busy: int) -> list[Target]:
+    def _sweep(self, idle: list[Target], busy: float) -> list[Target]:
         """The disks without a job to read this cycle: the next ones after the last swept, in key
         order, as many as the budget leaves after the disks with a job and the XML re-reads (at
         least one)."""
         if self._call_budget <= 0 or not idle:
             self._stats.discovery(self._poll_interval)
             return idle
-        room = max(1, int(self._call_budget * self._poll_interval) - busy)
+        room = max(1, int(self._call_budget * self._poll_interval - busy))
         self._stats.discovery(math.ceil(len(idle) / room) * self._poll_interval)
         if room >= len(idle):
             return idle

@@ -284,11 +284,12 @@ def test_the_xml_is_re_read_from_the_budget_spread_over_the_cycles_and_a_change_
     host._list_inventory(reread=False)
     assert all(d.reads == 1 for d in doms.values())  # known, same run: the XML last read stands
 
-    assert host._xml_room(0) == 3  # 12 domains / 4 cycles
-    assert host._xml_room(9) == 1  # the jobs take nearly everything: still one
+    assert host._xml_share(0) == 3.0  # 12 domains / 4 cycles
+    assert host._xml_share(5) == 2.5  # at most half of what the jobs leave
+    assert host._xml_share(10) == 0.5  # the jobs take everything: one re-read a cycle still
     unlimited = LibvirtHost("qemu:///nowhere", State(), SelfStats(), inventory_interval=4.0)
     unlimited._xml_read_at = dict(host._xml_read_at)
-    assert unlimited._xml_room(0) == 12
+    assert unlimited._xml_share(0) == 12
 
     host._reread_xml(3)
     assert sum(d.reads for d in doms.values()) == 12  # none due yet
