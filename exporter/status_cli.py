@@ -7,7 +7,8 @@ Two sources, one document (``exporter.status``), so the command, the status page
   of a job's cursor. Never anything else: the same guest-safety rules as the exporter.
 * a running exporter's ``status.json``: no libvirt access at all (for an operator who may not
   open the socket, or a remote host), and it also carries the exporter's policy and health.
-  Basic auth and a private CA as the exporter's web config may require.
+  Basic auth and a private CA as the exporter's web config may require. Redirects are not
+  followed: urllib would send the login on to wherever one points (another host, plain http).
 
 What a source answers is data, never markup or terminal control: names are shown through rich's
 ``Text`` (no markup parsed) with non-printable characters escaped, and an exporter's answer is
@@ -33,6 +34,7 @@ HTTP_TIMEOUT_SECONDS = 10.0
 BAR_WIDTH = 20
 PIPE_WIDTH = 160  # columns when the output is not a terminal: a row per job, whatever the names
 MAX_PASSWORD_FILE_BYTES = 4096
+MAX_LOCATION_CHARS = 512  # of a refused redirect's target, in the error message
 
 
 class SourceError(Exception):
@@ -67,6 +69,14 @@ def _duration(seconds: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------- sources
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: urllib's would copy the Authorization header to the new URL, whatever its
+    host or scheme. urllib then raises the 3xx as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class LibvirtSource:
@@ -131,6 +141,7 @@ class ExporterSource:
             self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
         except (OSError, ssl.SSLError) as err:
             raise SourceError(f"cannot use --exporter.ca-file {ca_file}: {err}") from None
+        self._opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=self._tls))
 
     def __enter__(self) -> "ExporterSource":
         return self
@@ -144,9 +155,14 @@ class ExporterSource:
     def next(self) -> dict[str, Any]:
         request = urllib.request.Request(self.url, headers=self._headers)
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS, context=self._tls) as response:
+            with self._opener.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
                 body = response.read(MAX_BYTES * 2 + 1)
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                location = (err.headers.get("Location") or "nowhere")[:MAX_LOCATION_CHARS]
+                raise SourceError(f"{self.url}: HTTP {err.code} redirects to {location}; redirects are not "
+                                  "followed (they would carry the login): give --exporter.url as the exporter's "
+                                  "own URL") from None
             hint = " (give --exporter.username and --exporter.password-file)" if err.code == 401 else ""
             raise SourceError(f"{self.url}: HTTP {err.code} {err.reason}{hint}") from None
         except (urllib.error.URLError, OSError, ValueError) as err:

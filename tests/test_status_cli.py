@@ -3,7 +3,9 @@ exporter through TLS and basic auth, and libvirt during a real pull), ``--watch`
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.server
 import io
 import json
 import os
@@ -11,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from types import SimpleNamespace
 
@@ -117,6 +120,60 @@ def test_bad_flags_exit_2(capsys, argv, message):
 
 
 # ---------------------------------------------------------------------------- from a running exporter
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the server's ``answer`` (status, reason, headers, body); records each request."""
+
+    def do_GET(self):
+        self.server.requests.append((self.path, dict(self.headers)))
+        status, reason, headers, body = self.server.answer
+        self.send_response(status, reason)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """Starts plain HTTP servers on loopback: ``start(status, body=..., headers=..., reason=...)``."""
+    servers = []
+
+    def start(status=200, body=b"", headers=None, reason=None):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+        server.requests, server.answer = [], (status, reason, headers or {}, body)
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_redirect_is_an_error_and_the_login_goes_nowhere_else(http_server, tmp_path):
+    """urllib would follow it with the Authorization header, to any host and over plain http."""
+    (tmp_path / "pw").write_text("pw\n")
+    login = ["--exporter.username", "alice", "--exporter.password-file", str(tmp_path / "pw")]
+    target = http_server(200, json.dumps(document()).encode())
+    for code in (301, 302, 303, 307, 308):
+        redirect = http_server(code, headers={"Location": target.url + "/status.json"})
+        err = io.StringIO()
+        assert run_status(status_args("--exporter.url", redirect.url, *login), io.StringIO(), err) == 1
+        assert err.getvalue() == (
+            f"libvirt-blockjob-exporter status: {redirect.url}/status.json: HTTP {code} redirects to "
+            f"{target.url}/status.json; redirects are not followed (they would carry the login): give "
+            "--exporter.url as the exporter's own URL\n")
+        assert [(path, headers["Authorization"]) for path, headers in redirect.requests] == [
+            ("/status.json", "Basic " + base64.b64encode(b"alice:pw").decode())]
+    assert target.requests == []
 
 
 @pytest.fixture
