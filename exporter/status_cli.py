@@ -12,7 +12,8 @@ Two sources, one document (``exporter.status``), so the command, the status page
 
 What a source answers is data, never markup or terminal control: names are shown through rich's
 ``Text`` (no markup parsed) with non-printable characters escaped, and an exporter's answer is
-read only up to a bound.
+read only up to a bound (size, nesting, finite numbers): a broken or hostile answer is an error
+message and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ HTTP_TIMEOUT_SECONDS = 10.0
 BAR_WIDTH = 20
 PIPE_WIDTH = 160  # columns when the output is not a terminal: a row per job, whatever the names
 MAX_PASSWORD_FILE_BYTES = 4096
+MAX_DEPTH = 32  # JSON nesting of an exporter's answer; a status document needs far less
 MAX_LOCATION_CHARS = 512  # of a refused redirect's target, in the error message
 
 
@@ -77,6 +79,31 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:32]} is out of range")
+    return value
+
+
+def _check_depth(doc: Any) -> None:
+    """ValueError for nesting deeper than ``MAX_DEPTH``: printing or rendering a deeper document could
+    exhaust the recursion limit. Iterative, so the check itself cannot."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 class LibvirtSource:
@@ -170,10 +197,11 @@ class ExporterSource:
         if len(body) > MAX_BYTES * 2:
             raise SourceError(f"{self.url}: answer larger than {MAX_BYTES * 2} bytes; not a status document")
         try:
-            doc = json.loads(body)
+            doc = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+            _check_depth(doc)
             if not isinstance(doc, dict) or not isinstance(doc["jobs"]["shown"], list):
                 raise ValueError("no jobs")
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise SourceError(f"{self.url}: not a status document ({err})") from None
         return doc
 
@@ -186,7 +214,7 @@ def render(doc: dict[str, Any], source: str):
     SourceError for a document it cannot show (an exporter's answer is not trusted to be well-formed)."""
     try:
         return _render(doc, source)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
         raise SourceError(f"{source}: not a status document ({type(err).__name__}: {err})") from None
 
 
@@ -285,7 +313,7 @@ def run_status(args, out: TextIO | None = None, err: TextIO | None = None) -> in
                     doc = source.next()
                     live.update(render(doc, label), refresh=True)
     except SourceError as e:
-        print(f"libvirt-blockjob-exporter status: {e}", file=err)
+        print(f"libvirt-blockjob-exporter status: {_shown(e)}", file=err)
         return 1
     except KeyboardInterrupt:
         return 0

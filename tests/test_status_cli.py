@@ -176,6 +176,53 @@ def test_a_redirect_is_an_error_and_the_login_goes_nowhere_else(http_server, tmp
     assert target.requests == []
 
 
+def _json_with(doc: dict, **raw: str) -> bytes:
+    """``doc`` as JSON with each of ``raw``'s keys (top level or the job's) spelled as the raw text given."""
+    text = json.dumps(doc)
+    for key, value in raw.items():
+        text = text.replace(json.dumps(f"@{key}@"), value)
+    return text.encode()
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("body,output,message", [
+    (b"[" * 100_000, "json", "{fetched}: not a status document (maximum recursion depth exceeded"),
+    (json.dumps(document() | {"connection": {"mode": _nested(40)}}).encode(), "json",
+     "{fetched}: not a status document (nested deeper than 32 levels)"),
+    (_json_with(document() | {"now": "@now@"}, now="Infinity"), "json",
+     "{fetched}: not a status document (Infinity is not a number)"),
+    (_json_with(document(percent="@p@"), p="NaN"), "table", "{fetched}: not a status document (NaN is not a number)"),
+    (_json_with(document() | {"now": "@now@"}, now="-1e400"), "json",
+     "{fetched}: not a status document (-1e400 is out of range)"),
+    (json.dumps(document(started=-10 ** 400)).encode(), "table",
+     "{url}: not a status document (OverflowError: int too large to convert to float)"),
+    (json.dumps(document(started=-1e308) | {"now": 1e308}).encode(), "table",
+     "{url}: not a status document (OverflowError: cannot convert float infinity to integer)"),
+], ids=["deep", "deeper-than-32", "Infinity", "NaN", "overflowing-float", "huge-int", "infinite-duration"])
+def test_a_hostile_answer_is_exit_1_not_a_traceback(http_server, body, output, message):
+    x = http_server(200, body)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url, "--output", output), out, err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith(
+        "libvirt-blockjob-exporter status: " + message.format(url=x.url, fetched=x.url + "/status.json"))
+
+
+def test_an_error_message_from_the_exporter_is_shown_escaped(http_server):
+    """The reason phrase is the server's text: a terminal escape in it must not reach the terminal."""
+    x = http_server(503, reason="down\x1b]0;owned\x07\x1b[2J")
+    err = io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url), io.StringIO(), err) == 1
+    assert err.getvalue() == (f"libvirt-blockjob-exporter status: {x.url}/status.json: HTTP 503 "
+                              "down\\x1b]0;owned\\x07\\x1b[2J\n")
+
+
 @pytest.fixture
 def tls_exporter(tmp_path):
     """A WebServer behind TLS and basic auth serving a fixed status document, and its CA file."""
