@@ -193,7 +193,10 @@ def build_status_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.1, 3600),
                         help="time between the two libvirt reads a rate needs, and between refreshes with --watch; "
                              "0.1s to 1h (default 1s)")
-    parser.add_argument("--watch", action="store_true", help="refresh in place until interrupted (Ctrl-C)")
+    parser.add_argument("--watch", action="store_true",
+                        help="refresh in place until interrupted (Ctrl-C); a failed read is shown and retried, "
+                             "only a failed first read ends it (exit 1); each refresh is printed anew when the "
+                             "output is not a terminal")
     parser.add_argument("--output", dest="output", default="table", choices=("table", "json"),
                         help="a table for people, or the status document as JSON for scripts, one a line with "
                              "--watch (default table)")

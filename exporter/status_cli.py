@@ -14,6 +14,9 @@ What a source answers is data, never markup or terminal control: names are shown
 ``Text`` (no markup parsed) with non-printable characters escaped, and an exporter's answer is
 read only up to a bound (size, nesting, finite numbers): a broken or hostile answer is an error
 message and exit status 1, never a traceback.
+
+``--watch`` outlives a failed read: the error takes the table's place until a read succeeds
+again, because an exporter or libvirtd restarting is what one may be watching for.
 """
 
 from __future__ import annotations
@@ -117,28 +120,44 @@ class LibvirtSource:
         self._state = None
 
     def __enter__(self) -> "LibvirtSource":
-        try:
-            # Imported here: only libvirt_host imports libvirt, and the URL source needs none.
-            from .libvirt_host import reading
-            from .state import State
-        except ImportError as err:  # no libvirt-python
-            raise SourceError(f"cannot read {self.uri}: {err}") from None
+        from .state import State
+
         self._state = State()
-        self._context = reading(self.uri, self._state)
-        try:
-            self._read = self._context.__enter__()
-        except Exception as err:  # libvirtError, ConnectionError
-            raise SourceError(f"cannot read block jobs from {self.uri}: {err}") from None
+        self._open()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+        self._close(*exc)
+
+    def _open(self) -> None:
+        try:
+            # Imported here: only libvirt_host imports libvirt, and the URL source needs none.
+            from .libvirt_host import reading
+        except ImportError as err:  # no libvirt-python
+            raise SourceError(f"cannot read {self.uri}: {err}") from None
+        context = reading(self.uri, self._state)
+        try:
+            self._read = context.__enter__()
+        except Exception as err:  # libvirtError, ConnectionError
+            raise SourceError(f"cannot read block jobs from {self.uri}: {err}") from None
+        self._context = context
+
+    def _close(self, *exc) -> None:
+        context, self._context, self._read = self._context, None, None
+        if context is not None:
+            context.__exit__(*(exc or (None, None, None)))
 
     def read(self) -> None:
+        """One full read; after a failed one the next connects again (``--watch`` retries)."""
+        if self._read is None:
+            self._open()
         try:
             self._read()
         except Exception as err:  # libvirtError: libvirtd went away
+            try:
+                self._close()
+            except Exception:  # closing a dead connection may fail too
+                pass
             raise SourceError(f"cannot read block jobs from {self.uri}: {err}") from None
 
     def first(self) -> dict[str, Any]:
@@ -276,9 +295,9 @@ def _print_json(doc: dict[str, Any], out: TextIO) -> None:
 
 
 def run_status(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """The command; 0, or 1 with the reason on stderr when the source cannot be read."""
+    """The command; 0, or 1 with the reason on stderr when the source cannot be read (with ``--watch``,
+    only its first read: later failures are shown and retried)."""
     from rich.console import Console
-    from rich.live import Live
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -302,21 +321,61 @@ def run_status(args, out: TextIO | None = None, err: TextIO | None = None) -> in
                 else:
                     console.print(render(doc, label))
                 return 0
-            if args.output == "json":  # one document a line
-                while True:
-                    _print_json(doc, out)
-                    time.sleep(args.poll_interval)
-                    doc = source.next()
-            with Live(render(doc, label), console=console, auto_refresh=False, transient=False) as live:
-                while True:
-                    time.sleep(args.poll_interval)
-                    doc = source.next()
-                    live.update(render(doc, label), refresh=True)
+            _watch(source, doc, label, args.output, args.poll_interval, console, out, err)
     except SourceError as e:
         print(f"libvirt-blockjob-exporter status: {_shown(e)}", file=err)
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _watch(source, doc: dict[str, Any], label: str, output: str, interval: float, console, out: TextIO,
+           err: TextIO) -> None:
+    """Refreshes until Ctrl-C. A failed read shows its error (stderr with JSON, so stdout stays one
+    document a line) with the time of the last good read, and the next interval tries again. rich's
+    ``Live`` draws a non-terminal only when it stops, so there every frame is printed instead."""
+    from rich.live import Live
+    from rich.text import Text
+
+    last_good = time.time()
+
+    def failed(e: SourceError) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(last_good))
+        return f"{_shown(e)} (last good read at {when}; retrying every {interval:g}s)"
+
+    if output == "json":  # one document a line
+        _print_json(doc, out)
+        while True:
+            time.sleep(interval)
+            try:
+                doc = source.next()
+            except SourceError as e:
+                print(f"libvirt-blockjob-exporter status: {failed(e)}", file=err, flush=True)
+                continue
+            last_good = time.time()
+            _print_json(doc, out)
+
+    def frame():
+        nonlocal last_good
+        try:
+            view = render(source.next(), label)
+        except SourceError as e:
+            return Text(failed(e), style="bold red")
+        last_good = time.time()
+        return view
+
+    view = render(doc, label)
+    if console.is_terminal and not console.is_dumb_terminal:
+        with Live(view, console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+    console.print(view)
+    while True:
+        time.sleep(interval)
+        view = frame()
+        console.line()
+        console.print(view)
 
 
 def _read_password(path: str) -> str:

@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 import vmlib
 from certlib import make_cert
 from exporter.cli import build_status_parser, status_main
-from exporter.status_cli import SourceError, render, run_status
+from exporter.status_cli import LibvirtSource, SourceError, render, run_status
 from exporter.web import WebServer
 from exporter.webconfig import load_web_config
 from exporterlib import REPO
@@ -291,6 +292,95 @@ def test_watch_refreshes_until_interrupted(tls_exporter):
     assert proc.returncode == 0, err
     assert json.loads(lines[0])["jobs"]["shown"][0]["percent"] == 30.0
     assert json.loads(lines[-1])["jobs"]["shown"][0]["percent"] == 60.0
+
+
+class _Reads:
+    """A source answering ``first``/``next`` from a list: documents, or exceptions to raise."""
+
+    def __init__(self, reads: list) -> None:
+        self.reads = reads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def first(self):
+        return self.next()
+
+    def next(self):
+        read = self.reads.pop(0)
+        if isinstance(read, BaseException):
+            raise read
+        return read
+
+
+WATCH = ["--exporter.url", "http://x/", "--watch", "--poll.interval", "0.1s"]
+RETRY = (r"http://x/status\.json: HTTP 503 Service Unavailable "
+         r"\(last good read at \d\d:\d\d:\d\d; retrying every 0\.1s\)")
+
+
+def test_watch_shows_a_failed_read_in_place_and_carries_on(monkeypatch):
+    """Not a terminal (rich's Live would draw only its last frame there): each refresh printed."""
+    reads = [document(), SourceError("http://x/status.json: HTTP 503 Service Unavailable"), document(percent=60.0),
+             KeyboardInterrupt()]
+    monkeypatch.setattr("exporter.status_cli.ExporterSource", lambda *a: _Reads(reads))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_args(*WATCH), out, err) == 0, err.getvalue()
+    frames = out.getvalue().split("\n\n")
+    assert len(frames) == 3 and err.getvalue() == ""
+    assert re.search(r"^web-1 .* 30\.0 ", frames[0], re.M) and "60.0" not in frames[0]
+    assert re.fullmatch(RETRY, frames[1])
+    assert re.search(r"^web-1 .* 60\.0 ", frames[2], re.M)
+
+
+def test_watch_json_reports_a_failed_read_on_stderr_and_carries_on(monkeypatch):
+    reads = [document(), SourceError("http://x/status.json: HTTP 503 Service Unavailable"), document(percent=60.0),
+             KeyboardInterrupt()]
+    monkeypatch.setattr("exporter.status_cli.ExporterSource", lambda *a: _Reads(reads))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_args(*WATCH, "--output", "json"), out, err) == 0, err.getvalue()
+    assert [json.loads(line)["jobs"]["shown"][0]["percent"] for line in out.getvalue().splitlines()] == [30.0, 60.0]
+    assert re.fullmatch("libvirt-blockjob-exporter status: " + RETRY + "\n", err.getvalue())
+
+
+def test_watch_still_ends_at_a_failed_first_read(monkeypatch):
+    """A wrong URL or login is said at once, not retried forever."""
+    reads = [SourceError("http://x/status.json: HTTP 401 Unauthorized")]
+    monkeypatch.setattr("exporter.status_cli.ExporterSource", lambda *a: _Reads(reads))
+    err = io.StringIO()
+    assert run_status(status_args(*WATCH), io.StringIO(), err) == 1
+    assert err.getvalue() == "libvirt-blockjob-exporter status: http://x/status.json: HTTP 401 Unauthorized\n"
+
+
+def test_the_libvirt_source_connects_again_after_a_failed_read(monkeypatch):
+    """A dead connection stays dead: retrying with --watch means connecting again."""
+    import exporter.libvirt_host
+
+    connections = []
+
+    @contextlib.contextmanager
+    def reading(uri, state):
+        connection = {"alive": True, "closed": False}
+        connections.append(connection)
+
+        def read():
+            if not connection["alive"]:
+                raise ConnectionError("end of file while reading data")
+        try:
+            yield read
+        finally:
+            connection["closed"] = True
+
+    monkeypatch.setattr(exporter.libvirt_host, "reading", reading)
+    with LibvirtSource("test:///default", 0.0) as source:
+        assert source.next()["jobs"]["total"] == 0
+        connections[0]["alive"] = False
+        with pytest.raises(SourceError, match=r"^cannot read block jobs from test:///default: end of file"):
+            source.next()
+        assert source.next()["jobs"]["total"] == 0
+    assert connections == [{"alive": False, "closed": True}, {"alive": True, "closed": True}]
 
 
 # ---------------------------------------------------------------------------- from libvirt
