@@ -28,6 +28,7 @@ DEFAULT_CALL_BUDGET = 100
 DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 MAX_FLAG_CHARS = 4096  # any flag value; a path or URL is far shorter
+MIN_LIBVIRT_WATCH_SECONDS = 1.0  # each refresh of `status --watch` from libvirt re-reads every domain and disk
 
 
 def _bounded(check):
@@ -192,7 +193,8 @@ def build_status_parser() -> argparse.ArgumentParser:
                         help="CA certificate(s) to verify an https --exporter.url with, besides the system's")
     parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.1, 3600),
                         help="time between the two libvirt reads a rate needs, and between refreshes with --watch; "
-                             "0.1s to 1h (default 1s)")
+                             f"0.1s to 1h, at least {MIN_LIBVIRT_WATCH_SECONDS:g}s with --watch from libvirt (each "
+                             "refresh reads every domain and disk) (default 1s)")
     parser.add_argument("--watch", action="store_true",
                         help="refresh in place until interrupted (Ctrl-C); a failed read is shown and retried, "
                              "only a failed first read ends it (exit 1); each refresh is printed anew when the "
@@ -210,6 +212,9 @@ def status_main(argv: Sequence[str]) -> int:
         parser.error("--exporter.username, --exporter.password-file and --exporter.ca-file need --exporter.url")
     if (args.exporter_username is None) != (args.exporter_password_file is None):
         parser.error("--exporter.username and --exporter.password-file go together")
+    if args.watch and args.exporter_url is None and args.poll_interval < MIN_LIBVIRT_WATCH_SECONDS:
+        parser.error(f"--watch from libvirt reads every domain and disk at each refresh: --poll.interval must be "
+                     f"at least {MIN_LIBVIRT_WATCH_SECONDS:g}s (or read a running exporter with --exporter.url)")
     from .status_cli import run_status
 
     # The connection's own retry warnings would say "(retrying)"; the command reports failures itself.

@@ -110,6 +110,9 @@ def test_a_malformed_document_is_an_error_not_a_traceback():
          "--exporter.username, --exporter.password-file and --exporter.ca-file need --exporter.url"),
         (["--exporter.url", "http://h/", "--exporter.username", "u"],
          "--exporter.username and --exporter.password-file go together"),
+        (["--watch", "--poll.interval", "500ms"],
+         "--watch from libvirt reads every domain and disk at each refresh: --poll.interval must be at least 1s "
+         "(or read a running exporter with --exporter.url)"),
     ],
 )
 def test_bad_flags_exit_2(capsys, argv, message):
@@ -118,6 +121,16 @@ def test_bad_flags_exit_2(capsys, argv, message):
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"libvirt-blockjob-exporter status: error: {message}")
+
+
+def test_a_short_watch_interval_is_for_an_exporter_only(monkeypatch):
+    """The 1 s floor holds only where each refresh is a full libvirt read."""
+    seen = []
+    monkeypatch.setattr("exporter.status_cli.run_status", lambda args: seen.append(args.poll_interval) or 0)
+    assert status_main(["--exporter.url", "http://h/", "--watch", "--poll.interval", "100ms"]) == 0
+    assert status_main(["--poll.interval", "100ms"]) == 0  # one look: two reads 0.1 s apart
+    assert status_main(["--watch", "--poll.interval", "1s"]) == 0
+    assert seen == [0.1, 0.1, 1.0]
 
 
 # ---------------------------------------------------------------------------- from a running exporter
