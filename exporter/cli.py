@@ -95,6 +95,15 @@ def _url_flag(text: str) -> str:
     return text
 
 
+@_bounded
+def _exporter_url_flag(text: str) -> str:
+    # Checked first, and the URL not echoed: the message must not show the password.
+    if "@" in urllib.parse.urlsplit(text).netloc:
+        raise ValueError("a URL with a login (user:password@) would show it to every user; give "
+                         "--exporter.username and --exporter.password-file instead")
+    return _url_flag(text)
+
+
 _path_flag = _bounded(lambda text: text)
 
 
@@ -182,8 +191,10 @@ def build_status_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag,
                         help=f"read this libvirt URI over a read-only connection (default {DEFAULT_URI})")
-    source.add_argument("--exporter.url", dest="exporter_url", default=None, type=_url_flag,
-                        help="read a running exporter instead, e.g. https://host:9478/ (its status.json)")
+    source.add_argument("--exporter.url", dest="exporter_url", default=None, type=_exporter_url_flag,
+                        help="read a running exporter instead, e.g. https://host:9478/ (its status.json; a URL "
+                             "ending in /metrics means that exporter); no user:password@ in it, redirects are "
+                             "not followed")
     parser.add_argument("--exporter.username", dest="exporter_username", default=None, type=_user_flag,
                         help="basic auth username for --exporter.url")
     parser.add_argument("--exporter.password-file", dest="exporter_password_file", default=None, type=_path_flag,

@@ -76,6 +76,19 @@ def _duration(seconds: float | None) -> str:
 # ----------------------------------------------------------------------------- sources
 
 
+def status_url(url: str) -> str:
+    """The ``status.json`` of an exporter given by its base URL, its ``status.json`` or its default
+    telemetry path ``/metrics`` (what a Prometheus target list holds); a path prefix is kept."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path
+    if path.endswith(".json"):
+        return url
+    if path.rstrip("/").endswith("/metrics"):
+        path = path.rstrip("/")[: -len("metrics")]
+    path = path if path.endswith("/") else path + "/"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path + "status.json", "", ""))
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Follows no redirect: urllib's would copy the Authorization header to the new URL, whatever its
     host or scheme. urllib then raises the 3xx as an HTTPError."""
@@ -177,8 +190,7 @@ class ExporterSource:
     """Reads a running exporter's ``status.json`` (it measured the rates already)."""
 
     def __init__(self, url: str, username: str | None, password: str | None, ca_file: str | None) -> None:
-        base = url if url.endswith("/") or url.endswith(".json") else url + "/"
-        self.url = base if base.endswith(".json") else urllib.parse.urljoin(base, "status.json")
+        self.url = status_url(url)
         self._headers = {"Accept": "application/json", "User-Agent": f"libvirt-blockjob-exporter/{__version__}"}
         if username is not None:
             token = base64.b64encode(f"{username}:{password or ''}".encode("utf-8")).decode("ascii")

@@ -24,7 +24,7 @@ import pytest
 import vmlib
 from certlib import make_cert
 from exporter.cli import build_status_parser, status_main
-from exporter.status_cli import LibvirtSource, SourceError, render, run_status
+from exporter.status_cli import ExporterSource, LibvirtSource, SourceError, render, run_status
 from exporter.web import WebServer
 from exporter.webconfig import load_web_config
 from exporterlib import REPO
@@ -113,6 +113,9 @@ def test_a_malformed_document_is_an_error_not_a_traceback():
         (["--watch", "--poll.interval", "500ms"],
          "--watch from libvirt reads every domain and disk at each refresh: --poll.interval must be at least 1s "
          "(or read a running exporter with --exporter.url)"),
+        (["--exporter.url", "https://alice@h/"],
+         "argument --exporter.url: a URL with a login (user:password@) would show it to every user; give "
+         "--exporter.username and --exporter.password-file instead"),
     ],
 )
 def test_bad_flags_exit_2(capsys, argv, message):
@@ -131,6 +134,31 @@ def test_a_short_watch_interval_is_for_an_exporter_only(monkeypatch):
     assert status_main(["--poll.interval", "100ms"]) == 0  # one look: two reads 0.1 s apart
     assert status_main(["--watch", "--poll.interval", "1s"]) == 0
     assert seen == [0.1, 0.1, 1.0]
+
+
+def test_a_login_in_the_exporter_url_is_refused_without_echoing_it(capsys):
+    with pytest.raises(SystemExit) as exc:
+        status_main(["--exporter.url", "https://alice:s3cret@h:9478/"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "libvirt-blockjob-exporter status: error: argument --exporter.url: a URL with a login (user:password@) "
+        "would show it to every user; give --exporter.username and --exporter.password-file instead")
+    assert "s3cret" not in err
+
+
+@pytest.mark.parametrize("given,fetched", [
+    ("https://h:9478", "https://h:9478/status.json"),
+    ("https://h:9478/", "https://h:9478/status.json"),
+    ("https://h:9478/metrics", "https://h:9478/status.json"),  # a scrape target's URL
+    ("https://h:9478/metrics/", "https://h:9478/status.json"),
+    ("https://proxy/hv1/metrics", "https://proxy/hv1/status.json"),
+    ("https://proxy/hv1", "https://proxy/hv1/status.json"),
+    ("https://proxy/hv1/status.json", "https://proxy/hv1/status.json"),
+    ("https://h/my-metrics", "https://h/my-metrics/status.json"),
+])
+def test_the_status_json_of_an_exporter_url(given, fetched):
+    assert ExporterSource(given, None, None, None).url == fetched
 
 
 # ---------------------------------------------------------------------------- from a running exporter
