@@ -7,9 +7,10 @@ domain, disk and path names are whatever the domain's creator chose (``<img src=
 is a valid domain name). The only server-side text in it (title, version, links) is the
 operator's, and escaped. No external assets: the page works on a hypervisor with no way out, and
 its Content-Security-Policy allows just its own script and style (by hash) and fetching from its
-own origin, so even a slip in the script could not run injected code. The fetch is relative, so
-the page also works behind a reverse proxy under a path prefix, and it carries the page's own
-credentials: the page follows the same basic auth and TLS as the telemetry path.
+own origin, so even a slip in the script could not run injected code.
+The fetch and the footer links are relative, so the page also works behind a reverse proxy under
+a path prefix, and the fetch carries the page's own credentials: the page follows the same basic
+auth and TLS as the telemetry path.
 """
 
 from __future__ import annotations
