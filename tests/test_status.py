@@ -314,6 +314,7 @@ def test_page_is_static_and_its_policy_allows_only_its_own_script_and_style():
         digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
         assert f"{tag}-src 'sha256-{digest}'" in csp
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp.split("; ")  # no clickjacking under another site's page
     assert page.count("<script") == 1 and "src=" not in re.sub(r"<script>.*</script>", "", page, flags=re.S)
     assert "innerHTML" not in SCRIPT and "insertAdjacentHTML" not in SCRIPT and "document.write" not in SCRIPT
     assert '<a href="./status.json">' in page and '<a href="./metrics">' in page
