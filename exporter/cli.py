@@ -28,6 +28,7 @@ DEFAULT_CALL_BUDGET = 80
 DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 MAX_FLAG_CHARS = 4096  # any flag value; a path or URL is far shorter
+MIN_LIBVIRT_WATCH_SECONDS = 1.0  # each refresh of `status --watch` from libvirt re-reads every domain and disk
 
 
 def _bounded(check):
@@ -92,6 +93,15 @@ def _url_flag(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{text!r} must be an http(s) URL")
     return text
+
+
+@_bounded
+def _exporter_url_flag(text: str) -> str:
+    # Checked first, and the URL not echoed: the message must not show the password.
+    if "@" in urllib.parse.urlsplit(text).netloc:
+        raise ValueError("a URL with a login (user:password@) would show it to every user; give "
+                         "--exporter.username and --exporter.password-file instead")
+    return _url_flag(text)
 
 
 _path_flag = _bounded(lambda text: text)
@@ -184,8 +194,10 @@ def build_status_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--libvirt.uri", dest="uri", default=DEFAULT_URI, type=_uri_flag,
                         help=f"read this libvirt URI over a read-only connection (default {DEFAULT_URI})")
-    source.add_argument("--exporter.url", dest="exporter_url", default=None, type=_url_flag,
-                        help="read a running exporter instead, e.g. https://host:9478/ (its status.json)")
+    source.add_argument("--exporter.url", dest="exporter_url", default=None, type=_exporter_url_flag,
+                        help="read a running exporter instead, e.g. https://host:9478/ (its status.json; a URL "
+                             "ending in /metrics means that exporter); no user:password@ in it, redirects are "
+                             "not followed")
     parser.add_argument("--exporter.username", dest="exporter_username", default=None, type=_user_flag,
                         help="basic auth username for --exporter.url")
     parser.add_argument("--exporter.password-file", dest="exporter_password_file", default=None, type=_path_flag,
@@ -195,8 +207,12 @@ def build_status_parser() -> argparse.ArgumentParser:
                         help="CA certificate(s) to verify an https --exporter.url with, besides the system's")
     parser.add_argument("--poll.interval", dest="poll_interval", default=1.0, type=_duration_flag(0.1, 3600),
                         help="time between the two libvirt reads a rate needs, and between refreshes with --watch; "
-                             "0.1s to 1h (default 1s)")
-    parser.add_argument("--watch", action="store_true", help="refresh in place until interrupted (Ctrl-C)")
+                             f"0.1s to 1h, at least {MIN_LIBVIRT_WATCH_SECONDS:g}s with --watch from libvirt (each "
+                             "refresh reads every domain and disk) (default 1s)")
+    parser.add_argument("--watch", action="store_true",
+                        help="refresh in place until interrupted (Ctrl-C); a failed read is shown and retried, "
+                             "only a failed first read ends it (exit 1); each refresh is printed anew when the "
+                             "output is not a terminal")
     parser.add_argument("--output", dest="output", default="table", choices=("table", "json"),
                         help="a table for people, or the status document as JSON for scripts, one a line with "
                              "--watch (default table)")
@@ -210,6 +226,9 @@ def status_main(argv: Sequence[str]) -> int:
         parser.error("--exporter.username, --exporter.password-file and --exporter.ca-file need --exporter.url")
     if (args.exporter_username is None) != (args.exporter_password_file is None):
         parser.error("--exporter.username and --exporter.password-file go together")
+    if args.watch and args.exporter_url is None and args.poll_interval < MIN_LIBVIRT_WATCH_SECONDS:
+        parser.error(f"--watch from libvirt reads every domain and disk at each refresh: --poll.interval must be "
+                     f"at least {MIN_LIBVIRT_WATCH_SECONDS:g}s (or read a running exporter with --exporter.url)")
     from .status_cli import run_status
 
     # The connection's own retry warnings would say "(retrying)"; the command reports failures itself.

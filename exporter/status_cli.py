@@ -7,11 +7,16 @@ Two sources, one document (``exporter.status``), so the command, the status page
   of a job's cursor. Never anything else: the same guest-safety rules as the exporter.
 * a running exporter's ``status.json``: no libvirt access at all (for an operator who may not
   open the socket, or a remote host), and it also carries the exporter's policy and health.
-  Basic auth and a private CA as the exporter's web config may require.
+  Basic auth and a private CA as the exporter's web config may require. Redirects are not
+  followed: urllib would send the login on to wherever one points (another host, plain http).
 
 What a source answers is data, never markup or terminal control: names are shown through rich's
 ``Text`` (no markup parsed) with non-printable characters escaped, and an exporter's answer is
-read only up to a bound.
+read only up to a bound (size, nesting, finite numbers): a broken or hostile answer is an error
+message and exit status 1, never a traceback.
+
+``--watch`` outlives a failed read: the error takes the table's place until a read succeeds
+again, because an exporter or libvirtd restarting is what one may be watching for.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ HTTP_TIMEOUT_SECONDS = 10.0
 BAR_WIDTH = 20
 PIPE_WIDTH = 160  # columns when the output is not a terminal: a row per job, whatever the names
 MAX_PASSWORD_FILE_BYTES = 4096
+MAX_DEPTH = 32  # JSON nesting of an exporter's answer; a status document needs far less
+MAX_LOCATION_CHARS = 512  # of a refused redirect's target, in the error message
 
 
 class SourceError(Exception):
@@ -69,6 +76,52 @@ def _duration(seconds: float | None) -> str:
 # ----------------------------------------------------------------------------- sources
 
 
+def status_url(url: str) -> str:
+    """The ``status.json`` of an exporter given by its base URL, its ``status.json`` or its default
+    telemetry path ``/metrics`` (what a Prometheus target list holds); a path prefix is kept."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path
+    if path.endswith(".json"):
+        return url
+    if path.rstrip("/").endswith("/metrics"):
+        path = path.rstrip("/")[: -len("metrics")]
+    path = path if path.endswith("/") else path + "/"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path + "status.json", "", ""))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: urllib's would copy the Authorization header to the new URL, whatever its
+    host or scheme. urllib then raises the 3xx as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:32]} is out of range")
+    return value
+
+
+def _check_depth(doc: Any) -> None:
+    """ValueError for nesting deeper than ``MAX_DEPTH``: printing or rendering a deeper document could
+    exhaust the recursion limit. Iterative, so the check itself cannot."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
 class LibvirtSource:
     """Reads the host through a read-only connection kept open between reads."""
 
@@ -80,28 +133,44 @@ class LibvirtSource:
         self._state = None
 
     def __enter__(self) -> "LibvirtSource":
-        try:
-            # Imported here: only libvirt_host imports libvirt, and the URL source needs none.
-            from .libvirt_host import reading
-            from .state import State
-        except ImportError as err:  # no libvirt-python
-            raise SourceError(f"cannot read {self.uri}: {err}") from None
+        from .state import State
+
         self._state = State()
-        self._context = reading(self.uri, self._state)
-        try:
-            self._read = self._context.__enter__()
-        except Exception as err:  # libvirtError, ConnectionError
-            raise SourceError(f"cannot read block jobs from {self.uri}: {err}") from None
+        self._open()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+        self._close(*exc)
+
+    def _open(self) -> None:
+        try:
+            # Imported here: only libvirt_host imports libvirt, and the URL source needs none.
+            from .libvirt_host import reading
+        except ImportError as err:  # no libvirt-python
+            raise SourceError(f"cannot read {self.uri}: {err}") from None
+        context = reading(self.uri, self._state)
+        try:
+            self._read = context.__enter__()
+        except Exception as err:  # libvirtError, ConnectionError
+            raise SourceError(f"cannot read block jobs from {self.uri}: {err}") from None
+        self._context = context
+
+    def _close(self, *exc) -> None:
+        context, self._context, self._read = self._context, None, None
+        if context is not None:
+            context.__exit__(*(exc or (None, None, None)))
 
     def read(self) -> None:
+        """One full read; after a failed one the next connects again (``--watch`` retries)."""
+        if self._read is None:
+            self._open()
         try:
             self._read()
         except Exception as err:  # libvirtError: libvirtd went away
+            try:
+                self._close()
+            except Exception:  # closing a dead connection may fail too
+                pass
             raise SourceError(f"cannot read block jobs from {self.uri}: {err}") from None
 
     def first(self) -> dict[str, Any]:
@@ -121,8 +190,7 @@ class ExporterSource:
     """Reads a running exporter's ``status.json`` (it measured the rates already)."""
 
     def __init__(self, url: str, username: str | None, password: str | None, ca_file: str | None) -> None:
-        base = url if url.endswith("/") or url.endswith(".json") else url + "/"
-        self.url = base if base.endswith(".json") else urllib.parse.urljoin(base, "status.json")
+        self.url = status_url(url)
         self._headers = {"Accept": "application/json", "User-Agent": f"libvirt-blockjob-exporter/{__version__}"}
         if username is not None:
             token = base64.b64encode(f"{username}:{password or ''}".encode("utf-8")).decode("ascii")
@@ -131,6 +199,7 @@ class ExporterSource:
             self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
         except (OSError, ssl.SSLError) as err:
             raise SourceError(f"cannot use --exporter.ca-file {ca_file}: {err}") from None
+        self._opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=self._tls))
 
     def __enter__(self) -> "ExporterSource":
         return self
@@ -144,9 +213,14 @@ class ExporterSource:
     def next(self) -> dict[str, Any]:
         request = urllib.request.Request(self.url, headers=self._headers)
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS, context=self._tls) as response:
+            with self._opener.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
                 body = response.read(MAX_BYTES * 2 + 1)
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                location = (err.headers.get("Location") or "nowhere")[:MAX_LOCATION_CHARS]
+                raise SourceError(f"{self.url}: HTTP {err.code} redirects to {location}; redirects are not "
+                                  "followed (they would carry the login): give --exporter.url as the exporter's "
+                                  "own URL") from None
             hint = " (give --exporter.username and --exporter.password-file)" if err.code == 401 else ""
             raise SourceError(f"{self.url}: HTTP {err.code} {err.reason}{hint}") from None
         except (urllib.error.URLError, OSError, ValueError) as err:
@@ -154,10 +228,11 @@ class ExporterSource:
         if len(body) > MAX_BYTES * 2:
             raise SourceError(f"{self.url}: answer larger than {MAX_BYTES * 2} bytes; not a status document")
         try:
-            doc = json.loads(body)
+            doc = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+            _check_depth(doc)
             if not isinstance(doc, dict) or not isinstance(doc["jobs"]["shown"], list):
                 raise ValueError("no jobs")
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise SourceError(f"{self.url}: not a status document ({err})") from None
         return doc
 
@@ -170,7 +245,7 @@ def render(doc: dict[str, Any], source: str):
     SourceError for a document it cannot show (an exporter's answer is not trusted to be well-formed)."""
     try:
         return _render(doc, source)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
         raise SourceError(f"{source}: not a status document ({type(err).__name__}: {err})") from None
 
 
@@ -232,9 +307,9 @@ def _print_json(doc: dict[str, Any], out: TextIO) -> None:
 
 
 def run_status(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """The command; 0, or 1 with the reason on stderr when the source cannot be read."""
+    """The command; 0, or 1 with the reason on stderr when the source cannot be read (with ``--watch``,
+    only its first read: later failures are shown and retried)."""
     from rich.console import Console
-    from rich.live import Live
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -258,21 +333,61 @@ def run_status(args, out: TextIO | None = None, err: TextIO | None = None) -> in
                 else:
                     console.print(render(doc, label))
                 return 0
-            if args.output == "json":  # one document a line
-                while True:
-                    _print_json(doc, out)
-                    time.sleep(args.poll_interval)
-                    doc = source.next()
-            with Live(render(doc, label), console=console, auto_refresh=False, transient=False) as live:
-                while True:
-                    time.sleep(args.poll_interval)
-                    doc = source.next()
-                    live.update(render(doc, label), refresh=True)
+            _watch(source, doc, label, args.output, args.poll_interval, console, out, err)
     except SourceError as e:
-        print(f"libvirt-blockjob-exporter status: {e}", file=err)
+        print(f"libvirt-blockjob-exporter status: {_shown(e)}", file=err)
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _watch(source, doc: dict[str, Any], label: str, output: str, interval: float, console, out: TextIO,
+           err: TextIO) -> None:
+    """Refreshes until Ctrl-C. A failed read shows its error (stderr with JSON, so stdout stays one
+    document a line) with the time of the last good read, and the next interval tries again. rich's
+    ``Live`` draws a non-terminal only when it stops, so there every frame is printed instead."""
+    from rich.live import Live
+    from rich.text import Text
+
+    last_good = time.time()
+
+    def failed(e: SourceError) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(last_good))
+        return f"{_shown(e)} (last good read at {when}; retrying every {interval:g}s)"
+
+    if output == "json":  # one document a line
+        _print_json(doc, out)
+        while True:
+            time.sleep(interval)
+            try:
+                doc = source.next()
+            except SourceError as e:
+                print(f"libvirt-blockjob-exporter status: {failed(e)}", file=err, flush=True)
+                continue
+            last_good = time.time()
+            _print_json(doc, out)
+
+    def frame():
+        nonlocal last_good
+        try:
+            view = render(source.next(), label)
+        except SourceError as e:
+            return Text(failed(e), style="bold red")
+        last_good = time.time()
+        return view
+
+    view = render(doc, label)
+    if console.is_terminal and not console.is_dumb_terminal:
+        with Live(view, console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+    console.print(view)
+    while True:
+        time.sleep(interval)
+        view = frame()
+        console.line()
+        console.print(view)
 
 
 def _read_password(path: str) -> str:

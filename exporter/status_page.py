@@ -7,9 +7,10 @@ domain, disk and path names are whatever the domain's creator chose (``<img src=
 is a valid domain name). The only server-side text in it (title, version, links) is the
 operator's, and escaped. No external assets: the page works on a hypervisor with no way out, and
 its Content-Security-Policy allows just its own script and style (by hash) and fetching from its
-own origin, so even a slip in the script could not run injected code. The fetch is relative, so
-the page also works behind a reverse proxy under a path prefix, and it carries the page's own
-credentials: the page follows the same basic auth and TLS as the telemetry path.
+own origin, so even a slip in the script could not run injected code, and no page may frame it.
+The fetch and the footer links are relative, so the page also works behind a reverse proxy under
+a path prefix, and the fetch carries the page's own credentials: the page follows the same basic
+auth and TLS as the telemetry path.
 """
 
 from __future__ import annotations
@@ -249,9 +250,11 @@ def _hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-# Sent with the page: its own script and style by hash, fetches to its own origin, nothing else.
+# Sent with the page: its own script and style by hash, fetches to its own origin, nothing else;
+# no framing (no clickjacking of the page under someone else's).
 CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src {_hash(SCRIPT)}; style-src {_hash(STYLE)}; "
-                           "connect-src 'self'; img-src 'none'; base-uri 'none'; form-action 'none'")
+                           "connect-src 'self'; img-src 'none'; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'none'")
 
 _BODY = """
 <header>

@@ -619,8 +619,11 @@ _PAGE_CSP = CONTENT_SECURITY_POLICY.encode("ascii")
 
 def _landing_page(title: str, version: str, telemetry_path: str,
                   links: Sequence[tuple[str, str]]) -> bytes:
-    """The status page (``exporter.status_page``) with links to metrics, the status data and health."""
+    """The status page (``exporter.status_page``) with links to metrics, the status data and health.
+    Those three are relative, as the page's fetch is: behind a reverse proxy serving the page under a
+    path prefix they keep the prefix (``./``, so that ``/a:b`` does not become the URL ``a:b``)."""
+    own = {telemetry_path, STATUS_PATH, HEALTH_PATH}
     items: dict[str, str] = {}
     for href, text in [(telemetry_path, "Metrics"), *links, (STATUS_PATH, "Status (JSON)"), (HEALTH_PATH, "Health")]:
         items.setdefault(href, text)  # a caller's own link to /-/healthy is not doubled
-    return render_page(title, version, list(items.items()))
+    return render_page(title, version, [("." + href if href in own else href, text) for href, text in items.items()])

@@ -10,6 +10,7 @@ import http.client
 import json
 import re
 import textwrap
+import urllib.parse
 from datetime import datetime, timezone
 from types import MappingProxyType
 
@@ -313,9 +314,20 @@ def test_page_is_static_and_its_policy_allows_only_its_own_script_and_style():
         digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
         assert f"{tag}-src 'sha256-{digest}'" in csp
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp.split("; ")  # no clickjacking under another site's page
     assert page.count("<script") == 1 and "src=" not in re.sub(r"<script>.*</script>", "", page, flags=re.S)
     assert "innerHTML" not in SCRIPT and "insertAdjacentHTML" not in SCRIPT and "document.write" not in SCRIPT
-    assert '<a href="/status.json">' in page and '<a href="/metrics">' in page
+    assert '<a href="./status.json">' in page and '<a href="./metrics">' in page
+
+
+@pytest.mark.parametrize("telemetry_path", ["/metrics", "/x/prom", "/a:b"])  # a:b alone is a scheme
+def test_footer_links_are_relative_like_the_fetch(telemetry_path):
+    """Behind a reverse proxy serving the page at /hv1/, the links keep the prefix."""
+    ws = WebServer("127.0.0.1:0", telemetry_path, lambda accept, names=(): (b"", "text/plain"))
+    footer = re.search(r"<footer>.*</footer>", ws.landing_page.decode(), re.S).group(0)
+    hrefs = re.findall(r'<a href="([^"]*)">', footer)
+    assert [urllib.parse.urljoin("https://proxy/hv1/", href) for href in hrefs] == [
+        f"https://proxy/hv1{telemetry_path}", "https://proxy/hv1/status.json", "https://proxy/hv1/-/healthy"]
 
 
 def test_page_and_status_json_need_the_same_login_as_metrics(tmp_path):

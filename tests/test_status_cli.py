@@ -3,14 +3,18 @@ exporter through TLS and basic auth, and libvirt during a real pull), ``--watch`
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.server
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from types import SimpleNamespace
 
@@ -20,7 +24,7 @@ import pytest
 import vmlib
 from certlib import make_cert
 from exporter.cli import build_status_parser, status_main
-from exporter.status_cli import SourceError, render, run_status
+from exporter.status_cli import ExporterSource, LibvirtSource, SourceError, render, run_status
 from exporter.web import WebServer
 from exporter.webconfig import load_web_config
 from exporterlib import REPO
@@ -106,6 +110,12 @@ def test_a_malformed_document_is_an_error_not_a_traceback():
          "--exporter.username, --exporter.password-file and --exporter.ca-file need --exporter.url"),
         (["--exporter.url", "http://h/", "--exporter.username", "u"],
          "--exporter.username and --exporter.password-file go together"),
+        (["--watch", "--poll.interval", "500ms"],
+         "--watch from libvirt reads every domain and disk at each refresh: --poll.interval must be at least 1s "
+         "(or read a running exporter with --exporter.url)"),
+        (["--exporter.url", "https://alice@h/"],
+         "argument --exporter.url: a URL with a login (user:password@) would show it to every user; give "
+         "--exporter.username and --exporter.password-file instead"),
     ],
 )
 def test_bad_flags_exit_2(capsys, argv, message):
@@ -116,7 +126,143 @@ def test_bad_flags_exit_2(capsys, argv, message):
         f"libvirt-blockjob-exporter status: error: {message}")
 
 
+def test_a_short_watch_interval_is_for_an_exporter_only(monkeypatch):
+    """The 1 s floor holds only where each refresh is a full libvirt read."""
+    seen = []
+    monkeypatch.setattr("exporter.status_cli.run_status", lambda args: seen.append(args.poll_interval) or 0)
+    assert status_main(["--exporter.url", "http://h/", "--watch", "--poll.interval", "100ms"]) == 0
+    assert status_main(["--poll.interval", "100ms"]) == 0  # one look: two reads 0.1 s apart
+    assert status_main(["--watch", "--poll.interval", "1s"]) == 0
+    assert seen == [0.1, 0.1, 1.0]
+
+
+def test_a_login_in_the_exporter_url_is_refused_without_echoing_it(capsys):
+    with pytest.raises(SystemExit) as exc:
+        status_main(["--exporter.url", "https://alice:s3cret@h:9478/"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "libvirt-blockjob-exporter status: error: argument --exporter.url: a URL with a login (user:password@) "
+        "would show it to every user; give --exporter.username and --exporter.password-file instead")
+    assert "s3cret" not in err
+
+
+@pytest.mark.parametrize("given,fetched", [
+    ("https://h:9478", "https://h:9478/status.json"),
+    ("https://h:9478/", "https://h:9478/status.json"),
+    ("https://h:9478/metrics", "https://h:9478/status.json"),  # a scrape target's URL
+    ("https://h:9478/metrics/", "https://h:9478/status.json"),
+    ("https://proxy/hv1/metrics", "https://proxy/hv1/status.json"),
+    ("https://proxy/hv1", "https://proxy/hv1/status.json"),
+    ("https://proxy/hv1/status.json", "https://proxy/hv1/status.json"),
+    ("https://h/my-metrics", "https://h/my-metrics/status.json"),
+])
+def test_the_status_json_of_an_exporter_url(given, fetched):
+    assert ExporterSource(given, None, None, None).url == fetched
+
+
 # ---------------------------------------------------------------------------- from a running exporter
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the server's ``answer`` (status, reason, headers, body); records each request."""
+
+    def do_GET(self):
+        self.server.requests.append((self.path, dict(self.headers)))
+        status, reason, headers, body = self.server.answer
+        self.send_response(status, reason)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """Starts plain HTTP servers on loopback: ``start(status, body=..., headers=..., reason=...)``."""
+    servers = []
+
+    def start(status=200, body=b"", headers=None, reason=None):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+        server.requests, server.answer = [], (status, reason, headers or {}, body)
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_redirect_is_an_error_and_the_login_goes_nowhere_else(http_server, tmp_path):
+    """urllib would follow it with the Authorization header, to any host and over plain http."""
+    (tmp_path / "pw").write_text("pw\n")
+    login = ["--exporter.username", "alice", "--exporter.password-file", str(tmp_path / "pw")]
+    target = http_server(200, json.dumps(document()).encode())
+    for code in (301, 302, 303, 307, 308):
+        redirect = http_server(code, headers={"Location": target.url + "/status.json"})
+        err = io.StringIO()
+        assert run_status(status_args("--exporter.url", redirect.url, *login), io.StringIO(), err) == 1
+        assert err.getvalue() == (
+            f"libvirt-blockjob-exporter status: {redirect.url}/status.json: HTTP {code} redirects to "
+            f"{target.url}/status.json; redirects are not followed (they would carry the login): give "
+            "--exporter.url as the exporter's own URL\n")
+        assert [(path, headers["Authorization"]) for path, headers in redirect.requests] == [
+            ("/status.json", "Basic " + base64.b64encode(b"alice:pw").decode())]
+    assert target.requests == []
+
+
+def _json_with(doc: dict, **raw: str) -> bytes:
+    """``doc`` as JSON with each of ``raw``'s keys (top level or the job's) spelled as the raw text given."""
+    text = json.dumps(doc)
+    for key, value in raw.items():
+        text = text.replace(json.dumps(f"@{key}@"), value)
+    return text.encode()
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("body,output,message", [
+    (b"[" * 100_000, "json", "{fetched}: not a status document (maximum recursion depth exceeded"),
+    (json.dumps(document() | {"connection": {"mode": _nested(40)}}).encode(), "json",
+     "{fetched}: not a status document (nested deeper than 32 levels)"),
+    (_json_with(document() | {"now": "@now@"}, now="Infinity"), "json",
+     "{fetched}: not a status document (Infinity is not a number)"),
+    (_json_with(document(percent="@p@"), p="NaN"), "table", "{fetched}: not a status document (NaN is not a number)"),
+    (_json_with(document() | {"now": "@now@"}, now="-1e400"), "json",
+     "{fetched}: not a status document (-1e400 is out of range)"),
+    (json.dumps(document(started=-10 ** 400)).encode(), "table",
+     "{url}: not a status document (OverflowError: int too large to convert to float)"),
+    (json.dumps(document(started=-1e308) | {"now": 1e308}).encode(), "table",
+     "{url}: not a status document (OverflowError: cannot convert float infinity to integer)"),
+], ids=["deep", "deeper-than-32", "Infinity", "NaN", "overflowing-float", "huge-int", "infinite-duration"])
+def test_a_hostile_answer_is_exit_1_not_a_traceback(http_server, body, output, message):
+    x = http_server(200, body)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url, "--output", output), out, err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith(
+        "libvirt-blockjob-exporter status: " + message.format(url=x.url, fetched=x.url + "/status.json"))
+
+
+def test_an_error_message_from_the_exporter_is_shown_escaped(http_server):
+    """The reason phrase is the server's text: a terminal escape in it must not reach the terminal."""
+    x = http_server(503, reason="down\x1b]0;owned\x07\x1b[2J")
+    err = io.StringIO()
+    assert run_status(status_args("--exporter.url", x.url), io.StringIO(), err) == 1
+    assert err.getvalue() == (f"libvirt-blockjob-exporter status: {x.url}/status.json: HTTP 503 "
+                              "down\\x1b]0;owned\\x07\\x1b[2J\n")
 
 
 @pytest.fixture
@@ -187,6 +333,95 @@ def test_watch_refreshes_until_interrupted(tls_exporter):
     assert proc.returncode == 0, err
     assert json.loads(lines[0])["jobs"]["shown"][0]["percent"] == 30.0
     assert json.loads(lines[-1])["jobs"]["shown"][0]["percent"] == 60.0
+
+
+class _Reads:
+    """A source answering ``first``/``next`` from a list: documents, or exceptions to raise."""
+
+    def __init__(self, reads: list) -> None:
+        self.reads = reads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def first(self):
+        return self.next()
+
+    def next(self):
+        read = self.reads.pop(0)
+        if isinstance(read, BaseException):
+            raise read
+        return read
+
+
+WATCH = ["--exporter.url", "http://x/", "--watch", "--poll.interval", "0.1s"]
+RETRY = (r"http://x/status\.json: HTTP 503 Service Unavailable "
+         r"\(last good read at \d\d:\d\d:\d\d; retrying every 0\.1s\)")
+
+
+def test_watch_shows_a_failed_read_in_place_and_carries_on(monkeypatch):
+    """Not a terminal (rich's Live would draw only its last frame there): each refresh printed."""
+    reads = [document(), SourceError("http://x/status.json: HTTP 503 Service Unavailable"), document(percent=60.0),
+             KeyboardInterrupt()]
+    monkeypatch.setattr("exporter.status_cli.ExporterSource", lambda *a: _Reads(reads))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_args(*WATCH), out, err) == 0, err.getvalue()
+    frames = out.getvalue().split("\n\n")
+    assert len(frames) == 3 and err.getvalue() == ""
+    assert re.search(r"^web-1 .* 30\.0 ", frames[0], re.M) and "60.0" not in frames[0]
+    assert re.fullmatch(RETRY, frames[1])
+    assert re.search(r"^web-1 .* 60\.0 ", frames[2], re.M)
+
+
+def test_watch_json_reports_a_failed_read_on_stderr_and_carries_on(monkeypatch):
+    reads = [document(), SourceError("http://x/status.json: HTTP 503 Service Unavailable"), document(percent=60.0),
+             KeyboardInterrupt()]
+    monkeypatch.setattr("exporter.status_cli.ExporterSource", lambda *a: _Reads(reads))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_status(status_args(*WATCH, "--output", "json"), out, err) == 0, err.getvalue()
+    assert [json.loads(line)["jobs"]["shown"][0]["percent"] for line in out.getvalue().splitlines()] == [30.0, 60.0]
+    assert re.fullmatch("libvirt-blockjob-exporter status: " + RETRY + "\n", err.getvalue())
+
+
+def test_watch_still_ends_at_a_failed_first_read(monkeypatch):
+    """A wrong URL or login is said at once, not retried forever."""
+    reads = [SourceError("http://x/status.json: HTTP 401 Unauthorized")]
+    monkeypatch.setattr("exporter.status_cli.ExporterSource", lambda *a: _Reads(reads))
+    err = io.StringIO()
+    assert run_status(status_args(*WATCH), io.StringIO(), err) == 1
+    assert err.getvalue() == "libvirt-blockjob-exporter status: http://x/status.json: HTTP 401 Unauthorized\n"
+
+
+def test_the_libvirt_source_connects_again_after_a_failed_read(monkeypatch):
+    """A dead connection stays dead: retrying with --watch means connecting again."""
+    import exporter.libvirt_host
+
+    connections = []
+
+    @contextlib.contextmanager
+    def reading(uri, state):
+        connection = {"alive": True, "closed": False}
+        connections.append(connection)
+
+        def read():
+            if not connection["alive"]:
+                raise ConnectionError("end of file while reading data")
+        try:
+            yield read
+        finally:
+            connection["closed"] = True
+
+    monkeypatch.setattr(exporter.libvirt_host, "reading", reading)
+    with LibvirtSource("test:///default", 0.0) as source:
+        assert source.next()["jobs"]["total"] == 0
+        connections[0]["alive"] = False
+        with pytest.raises(SourceError, match=r"^cannot read block jobs from test:///default: end of file"):
+            source.next()
+        assert source.next()["jobs"]["total"] == 0
+    assert connections == [{"alive": False, "closed": True}, {"alive": True, "closed": True}]
 
 
 # ---------------------------------------------------------------------------- from libvirt

@@ -125,7 +125,8 @@ def test_hardening_the_readme_promises():
     assert _one(UNIT, "User") == "libvirt-blockjob-exporter"
     assert _one(UNIT, "Group") == "libvirt-blockjob-exporter"
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-                       "PrivateTmp": "yes", "Restart": "on-failure", "CapabilityBoundingSet": "",
+                       "PrivateTmp": "yes", "Restart": "on-failure", "RestartPreventExitStatus": "2",
+                       "CapabilityBoundingSet": "",
                        "AmbientCapabilities": ""}.items():
         assert _one(UNIT, key) == value, key
     assert _one(UNIT, "RestrictAddressFamilies").split() == ["AF_UNIX", "AF_INET", "AF_INET6"]

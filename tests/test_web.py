@@ -104,10 +104,10 @@ def test_landing_page():
     assert r.getheader("Content-Type") == "text/html; charset=utf-8"
     assert "<title>Block &lt;jobs&gt;</title>" in page
     assert "1.2.3" in page
-    assert '<a href="/metrics">' in page
+    assert '<a href="./metrics">Metrics</a>' in page  # relative: see test_status.py
     assert '<a href="https://example.org/runbook?a=1&amp;b=2">Runbook</a>' in page
-    assert "&lt;Debug&gt;" in page
-    assert page.count('href="/-/healthy"') == 1
+    assert '<a href="/debug">&lt;Debug&gt;</a>' in page
+    assert page.count('href="./-/healthy"') == 1 and 'href="/-/healthy"' not in page
 
 
 def test_metrics_body_content_type_and_accept_header():
