@@ -14,6 +14,7 @@ import pytest
 
 import vmlib
 from exporter.policy.config import Fleet, FleetDigest
+from exporter.policy.decide import FleetView
 from exporter.policy.fleet import FleetBudget, lease_name, read_fleet_view
 
 PATH = "/lbje-test/pulls"
@@ -43,9 +44,10 @@ def config(zk, **kw) -> Fleet:
 def budgets():
     made: list[FleetBudget] = []
 
-    def make(zk, host: str, enforcing: bool = True, needs: Needs | None = None, **kw) -> tuple[FleetBudget, Needs]:
+    def make(zk, host: str, enforcing: bool = True, needs: Needs | None = None, on_change=None,
+             **kw) -> tuple[FleetBudget, Needs]:
         needs = needs or Needs()
-        b = FleetBudget(config(zk, **kw), host, enforcing, needs=needs)
+        b = FleetBudget(config(zk, **kw), host, enforcing, needs=needs, on_change=on_change)
         b.start()
         made.append(b)
         return b, needs
@@ -193,6 +195,29 @@ def test_a_pull_whose_lease_was_reaped_takes_it_again_even_over_the_budget(zooke
     a.wake()
     vmlib.wait_for(lambda: lease_nodes(zookeeper) == [lease_name("host-a", ("d", "vda"))], timeout=10,
                    what="lease re-taken")
+
+
+def test_a_busy_fleet_lock_defers_the_start_and_leaves_the_budget_usable(zookeeper, budgets):
+    """kazoo's Lock.acquire raises LockTimeout when the lock stays busy: that is "try later", not
+    a broken connection (which would set fleet_connected to 0 and fail the queued requests)."""
+    changes: list[float] = []
+    a, na = budgets(zookeeper, "host-a", on_change=lambda: changes.append(time.monotonic()))
+    usable(a)
+    adopt(a, na)
+    since = len(changes)
+    c = zookeeper.client()
+    try:
+        holder = c.Lock(f"{PATH}/lock", "someone")
+        assert holder.acquire(timeout=5)
+        assert a.acquire(("d", "vda"), "r") == (False, "the fleet lock was busy for 2s")
+        holder.release()
+        time.sleep(1.0)  # more than a heartbeat interval: a flap would have been undone by now
+        assert changes[since:] == [] and a.view() == FleetView(True, 2, 0, "")
+        assert a.acquire(("d", "vda"), "r") == (True, "")
+        assert c.get_children(f"{PATH}/lock") == []
+    finally:
+        c.stop()
+        c.close()
 
 
 def test_dry_run_only_reads_and_plan_reads_once(zookeeper, budgets):

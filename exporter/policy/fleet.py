@@ -496,11 +496,15 @@ class FleetBudget:
 
     def _take(self, key: DiskKey, rule: str) -> tuple[bool, str]:
         """kazoo's Semaphore, persistent: under the Lock recipe, count the leases and create ours."""
-        from kazoo.exceptions import NodeExistsError
+        from kazoo.exceptions import LockTimeout, NodeExistsError
 
         name = lease_name(self.host_id, key)
         lock = self._client.Lock(f"{self._path}/lock", self.host_id)
-        if not lock.acquire(timeout=self._timeout):
+        try:
+            got = lock.acquire(timeout=self._timeout)
+        except LockTimeout:  # kazoo raises rather than returning False: busy, not broken
+            got = False
+        if not got:
             return False, f"the fleet lock was busy for {self._timeout:g}s"
         try:
             names = self._z("get_children", self._leases_path)
