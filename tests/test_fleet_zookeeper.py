@@ -197,6 +197,40 @@ def test_a_pull_whose_lease_was_reaped_takes_it_again_even_over_the_budget(zooke
                    what="lease re-taken")
 
 
+def test_hosts_with_different_budgets_all_enforce_the_smallest(zookeeper, budgets):
+    c = zookeeper.client()
+    try:
+        a, na = budgets(zookeeper, "host-a", max_concurrent=3)
+        usable(a)
+        adopt(a, na)
+        assert c.get(PATH)[0] == b"3" and a.view().max_concurrent == 3
+        b, nb = budgets(zookeeper, "host-b", max_concurrent=2)
+        usable(b)
+        adopt(b, nb)
+        assert c.get(PATH)[0] == b"2" and b.view().max_concurrent == 2
+        vmlib.wait_for(lambda: a.view().max_concurrent == 2, timeout=10, what="host-a enforces host-b's smaller budget")
+        for d in ("d1", "d2"):
+            assert a.acquire((d, "vda"), "r") == (True, "")
+            na.running.add((d, "vda"))
+        assert a.acquire(("d3", "vda"), "r") == (False, "2 fleet leases taken >= fleet max_concurrent 2")
+        # A host with a larger value (an old policy file) neither raises the budget nor enforces its own.
+        big, nbig = budgets(zookeeper, "host-c", max_concurrent=5)
+        usable(big)
+        adopt(big, nbig)
+        assert c.get(PATH)[0] == b"2" and big.view().max_concurrent == 2
+        assert big.acquire(("d4", "vda"), "r") == (False, "2 fleet leases taken >= fleet max_concurrent 2")
+        assert read_fleet_view(config(zookeeper, max_concurrent=5)) == FleetView(True, 2, 2)
+        # Raised by hand, once no host has a smaller value (host-b would lower it again at once).
+        b.stop()
+        c.set(PATH, b"3")
+        vmlib.wait_for(lambda: a.view().max_concurrent == 3 and big.view().max_concurrent == 3, timeout=10,
+                       what="the budget raised by hand")
+        assert c.get(PATH)[0] == b"3"
+    finally:
+        c.stop()
+        c.close()
+
+
 def test_a_busy_fleet_lock_defers_the_start_and_leaves_the_budget_usable(zookeeper, budgets):
     """kazoo's Lock.acquire raises LockTimeout when the lock stays busy: that is "try later", not
     a broken connection (which would set fleet_connected to 0 and fail the queued requests)."""

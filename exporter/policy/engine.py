@@ -373,7 +373,8 @@ class PolicyEngine:
                                   "Fleet leases held by every host sharing the budget (as last read)",
                                   value=float(view.in_use)),
                 GaugeMetricFamily("libvirt_blockjob_policy_fleet_max_concurrent",
-                                  "Size of the fleet-wide pull budget", value=float(view.max_concurrent)),
+                                  "Size of the fleet-wide pull budget enforced: the smaller of fleet.max_concurrent "
+                                  "and the value in ZooKeeper", value=float(view.max_concurrent)),
             ]
         return [
             GaugeMetricFamily("libvirt_blockjob_policy_enforcing", "1 with --policy.enforce, 0 in dry run",

@@ -6,7 +6,7 @@ session timeout later while the pulls they covered still run. Here the same reci
 ``Lock``, count, create) makes **persistent** leases named after the host and disk, and the host's
 identity decides who may release them:
 
-    P                               data: the budget, as kazoo's Semaphore keeps it
+    P                               data: the budget, as kazoo's Semaphore keeps it (the smallest in use)
     P/lock                          kazoo's Lock recipe: one lease is taken at a time, fleet-wide
     P/leases/<host>:<domain>:<disk> persistent: one per policy pull that runs (or may run) on a host
     P/hosts/<host>                  persistent; rewritten every heartbeat
@@ -16,8 +16,9 @@ An exporter acts for its host only while it holds ``owner``; a restarted one wai
 session's ``owner`` to expire, then takes the host's leases back (the engine adopts those whose
 pull still runs and the rest are released). Another exporter deletes a host's leases only once
 that host's heartbeat has not changed for ``host_lost_after`` of its own connected observation,
-in one transaction guarded by the heartbeat's version. docs/policy.md#fleet-budget has the design
-and its failure behaviour.
+in one transaction guarded by the heartbeat's version. Every exporter enforces the smaller of its
+own ``max_concurrent`` and P's, and lowers P's to its own. docs/policy.md#fleet-budget has the
+design and its failure behaviour.
 
 Every ZooKeeper call runs on this module's own thread with a timeout; the poller only reads the
 cached view and waits at most ``fleet.timeout`` for a lease.
@@ -39,7 +40,7 @@ from urllib.parse import quote, unquote
 
 from exporter.model import DiskKey
 
-from .config import Fleet
+from .config import MAX_FLEET_PULLS, Fleet
 from .decide import FleetView
 
 log = logging.getLogger("exporter.policy.fleet")
@@ -106,6 +107,14 @@ def _parse_lease(data: bytes) -> Lease | None:
                      float(d.get("started", 0.0)))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _parse_budget(data: bytes | None) -> int | None:
+    """The budget in ``P``'s data (ASCII digits, as kazoo's Semaphore writes it), None if it holds none."""
+    if not data or len(data) > 20 or not data.isdigit():
+        return None
+    n = int(data)
+    return n if 1 <= n <= MAX_FLEET_PULLS else None
 
 
 def _read_password(path: str) -> str:
@@ -186,6 +195,7 @@ class FleetBudget:
         self._generation = 0  # +1 each time this host's identity is (re)gained
         self._adoption: tuple[int, dict[DiskKey, Lease]] | None = None
         self._in_use = 0
+        self._max = config.max_concurrent  # enforced: the smaller of ours and the one in ZooKeeper
         self._held: dict[DiskKey, Lease] = {}
         self._usable = False
         self._detail = f"connecting to ZooKeeper {config.zookeeper}"
@@ -247,7 +257,7 @@ class FleetBudget:
 
     def view(self) -> FleetView:
         with self._lock:
-            return FleetView(self._usable, self.config.max_concurrent, self._in_use, self._detail)
+            return FleetView(self._usable, self._max, self._in_use, self._detail)
 
     def held(self) -> int:
         with self._lock:
@@ -341,6 +351,7 @@ class FleetBudget:
             return
         if not self._paths_ready:
             self._ensure_paths()
+        self._read_budget()
         if self._enforcing and not self._claim():
             return
         now = time.monotonic()
@@ -366,18 +377,38 @@ class FleetBudget:
         if self._enforcing:
             self._z("ensure_path", self._leases_path)
             self._z("ensure_path", f"{self._path}/hosts")
-            data, stat = self._z("get", self._path)
-            if not data:
-                try:  # the budget, as kazoo's Semaphore records it, for whoever looks
-                    self._z("set", self._path, str(self.config.max_concurrent).encode(), version=stat.version)
-                except Exception:  # noqa: BLE001 - another exporter wrote it first
-                    data, _ = self._z("get", self._path)
-            if data and data != str(self.config.max_concurrent).encode() and data != self._budget_warned:
-                self._budget_warned = data
-                log.warning("fleet budget %s is %r in ZooKeeper but max_concurrent %d here: every exporter "
-                            "enforces its own value; give them all the same", self._path, data[:20],
-                            self.config.max_concurrent)
         self._paths_ready = True
+
+    def _read_budget(self) -> None:
+        """Enforce the smaller of our ``max_concurrent`` and ``P``'s, and (enforcing) lower ``P``'s to
+        ours: hosts configured differently then all enforce the smallest, in whatever order they
+        start. Only a hand edit raises it, so a host with an old policy file cannot."""
+        from kazoo.exceptions import BadVersionError, NoNodeError
+
+        local = self.config.max_concurrent
+        try:
+            data, stat = self._z("get", self._path)
+        except NoNodeError:  # no exporter has enforced yet (dry run), or deleted by hand
+            self._paths_ready = False
+            data, stat = b"", None
+        stored = _parse_budget(data)
+        if self._enforcing and stat is not None and (stored is None or stored > local):
+            try:
+                self._z("set", self._path, str(local).encode(), version=stat.version)
+                if data:
+                    log.warning("fleet budget %s was %r in ZooKeeper; set to this host's max_concurrent %d",
+                                self._path, data[:20], local)
+                stored = local
+            except BadVersionError:  # another exporter wrote it just now
+                stored = _parse_budget(self._z("get", self._path)[0])
+        if stored is not None and stored < local and data != self._budget_warned:
+            self._budget_warned = data
+            log.warning("fleet budget %s is %d in ZooKeeper, below max_concurrent %d here: enforcing %d, the "
+                        "smallest any exporter using this path has set; to raise it, give every host the new "
+                        "value, then set it in ZooKeeper by hand (zkCli.sh set %s N)", self._path, stored, local,
+                        stored, self._path)
+        with self._lock:
+            self._max = local if stored is None else min(local, stored)
 
     def _claim(self) -> bool:
         """Hold this host's identity (``owner``); False while another session holds it."""
@@ -510,10 +541,10 @@ class FleetBudget:
             names = self._z("get_children", self._leases_path)
             if name in names:
                 return True, "lease already held"
-            if len(names) >= self.config.max_concurrent:
+            if len(names) >= self._max:
                 with self._lock:
                     self._in_use = len(names)
-                return False, f"{len(names)} fleet leases taken >= fleet max_concurrent {self.config.max_concurrent}"
+                return False, f"{len(names)} fleet leases taken >= fleet max_concurrent {self._max}"
             lease = Lease(self.host_id, key[0], key[1], rule, time.time())
             try:
                 self._z("create", f"{self._leases_path}/{name}", _lease_data(lease))
@@ -523,8 +554,7 @@ class FleetBudget:
             with self._lock:
                 self._in_use = len(names) + 1
                 self._held[key] = lease
-            log.info("fleet lease taken for %s/%s (%d of %d)", key[0], key[1], len(names) + 1,
-                     self.config.max_concurrent)
+            log.info("fleet lease taken for %s/%s (%d of %d)", key[0], key[1], len(names) + 1, self._max)
             return True, ""
         finally:
             try:
@@ -574,7 +604,8 @@ class FleetBudget:
 
 
 def read_fleet_view(config: Fleet, timeout: float | None = None) -> FleetView:
-    """The budget as it is now, for ``policy plan``: connect, count the leases, disconnect. No write."""
+    """The budget as it is now, for ``policy plan``: connect, read the budget and count the leases,
+    disconnect. No write."""
     from kazoo.exceptions import NoNodeError
 
     timeout = config.timeout if timeout is None else timeout
@@ -585,10 +616,11 @@ def read_fleet_view(config: Fleet, timeout: float | None = None) -> FleetView:
     try:
         client.start(timeout=timeout)
         try:
+            stored = _parse_budget(client.get_async(config.path).get(timeout=timeout)[0])
             in_use = len(client.get_children_async(f"{config.path}/leases").get(timeout=timeout))
         except NoNodeError:
-            in_use = 0
-        return FleetView(True, config.max_concurrent, in_use)
+            stored, in_use = None, 0
+        return FleetView(True, min(config.max_concurrent, stored or config.max_concurrent), in_use)
     except Exception as e:  # noqa: BLE001 - unreachable, auth failed, timeout: shown as the reason
         return FleetView(False, config.max_concurrent, 0, f"cannot read ZooKeeper {config.zookeeper}: "
                                                           f"{type(e).__name__}: {e}"[:300])
