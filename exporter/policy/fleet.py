@@ -171,7 +171,8 @@ class FleetBudget:
     """
 
     def __init__(self, config: Fleet, host_id: str, enforcing: bool, needs: NeedsFn | None = None,
-                 on_change: Callable[[], None] | None = None, client=None) -> None:
+                 on_change: Callable[[], None] | None = None, client=None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         problem = host_id_problem(host_id)
         if problem:
             raise FleetError(f"fleet host id {host_id[:40]!r}: {problem}")
@@ -181,6 +182,7 @@ class FleetBudget:
         self._needs = needs or (lambda: (0, frozenset(), frozenset()))
         self._on_change = on_change or (lambda: None)
         self._client = client if client is not None else make_client(config)
+        self._clock = clock
         self._timeout = config.timeout
         self._path = config.path.rstrip("/")
         self._leases_path = f"{self._path}/leases"
@@ -354,7 +356,7 @@ class FleetBudget:
         self._read_budget()
         if self._enforcing and not self._claim():
             return
-        now = time.monotonic()
+        now = self._clock()
         if self._enforcing and now - self._last_heartbeat >= self._heartbeat_every:
             self._heartbeat()
             self._last_heartbeat = now
@@ -366,8 +368,8 @@ class FleetBudget:
             self._in_use = len(names)
             self._held = {lease.key: lease for lease in mine.values() if lease is not None}
         if self._enforcing and now >= self._next_reap:
-            self._next_reap = now + self._reap_every * random.uniform(0.8, 1.2)
-            self._reap(names)
+            due = self._reap(names, now)
+            self._next_reap = min(now + self._reap_every * random.uniform(0.8, 1.2), due)
         self._set_state(True, "")
 
     def _exists(self, path: str) -> bool:
@@ -562,12 +564,15 @@ class FleetBudget:
             except Exception as e:  # noqa: BLE001 - the lock node is ephemeral: it goes with the session
                 log.warning("fleet lock release failed: %s", e)
 
-    def _reap(self, names: list[str]) -> None:
-        """Delete the leases of hosts whose heartbeat has not moved for host_lost_after (watched by us)."""
+    def _reap(self, names: list[str], now: float) -> float:
+        """Delete the leases of hosts whose heartbeat has not moved for host_lost_after (watched by us).
+
+        Returns when the next silent host is due, so it is reaped then rather than up to a reap
+        interval later: the time docs/policy.md gives for a lost host's leases holds."""
         from kazoo.exceptions import KazooException, NoNodeError
 
         hosts_path = f"{self._path}/hosts"
-        now = time.monotonic()
+        due = float("inf")
         by_host: dict[str, list[str]] = {}
         for name in names:
             by_host.setdefault(name.split(":", 1)[0], []).append(name)
@@ -585,6 +590,7 @@ class FleetBudget:
                 self._seen[node] = (stat.version, now)  # alive (owner held) or beating
                 continue
             if now - seen[1] < self.config.host_lost_after:
+                due = min(due, seen[1] + self.config.host_lost_after)
                 continue
             leases = by_host.get(node, [])
             txn = self._client.transaction()
@@ -601,6 +607,7 @@ class FleetBudget:
                         unquote(node), now - seen[1], len(leases))
         for node in set(self._seen) - set(hosts):
             del self._seen[node]
+        return due
 
 
 def read_fleet_view(config: Fleet, timeout: float | None = None) -> FleetView:
