@@ -363,12 +363,12 @@ def test_digest_auth_leases_are_readable_by_all_and_writable_by_their_user(zooke
 # ------------------------------------------------------------------ the engine with a real budget
 
 
-def fleet_policy(tmp_path, zk, cap: int = 1, name: str = "policy.yaml", **fleet) -> str:
+def fleet_policy(tmp_path, zk, cap: int = 1, name: str = "policy.yaml", domains: str = "*", **fleet) -> str:
     import yaml
 
     f = tmp_path / name
     f.write_text(yaml.safe_dump({
-        "rules": [{"name": "all", "action": {"pull": {}}}],
+        "rules": [{"name": "all", "match": {"domain": domains}, "action": {"pull": {}}}],
         "limits": {"max_concurrent": 10},
         "fleet": {"zookeeper": zk.hosts, "path": PATH, "max_concurrent": cap, "session_timeout": "2s",
                   "timeout": "2s", "host_lost_after": "10s", **fleet}}))
@@ -477,3 +477,48 @@ def test_plan_shows_the_budget_without_taking_a_lease(zookeeper, budgets, tmp_pa
     rows = {ln.split()[0]: ln.split()[3:6] for ln in text.splitlines() if ln.startswith(("p ", "q "))}
     assert rows == {"p": ["would", "start", "dry_run"], "q": ["defer", "fleet", "2"]}
     assert lease_nodes(zookeeper) == [lease_name("host-a", ("x", "vda"))]
+
+
+def fleet_metric(engine, name: str) -> float:
+    return {f.name: f for f in engine.metric_families()}[f"libvirt_blockjob_policy_fleet_{name}"].samples[0].value
+
+
+def test_a_restart_after_its_leases_were_reaped_counts_its_running_pulls_even_over_the_budget(
+        zookeeper, engines, budgets, tmp_path):
+    """An exporter away longer than host_lost_after lost its leases while its pulls ran on. Back, it
+    takes a lease for each pull running on a disk a rule matches, over the budget if need be, and
+    keeps it until the pull ends; the pull stays foreign (it may be an operator's)."""
+    from test_policy_engine import MONDAY_2AM, disk, job, snap
+
+    other, no = budgets(zookeeper, "host-b", max_concurrent=1)
+    usable(other)
+    adopt(other, no)
+    assert other.acquire(("x", "vda"), "r") == (True, "")  # the budget's only lease, taken meanwhile
+    no.running.add(("x", "vda"))
+    x_lease = lease_name("host-b", ("x", "vda"))
+    path = fleet_policy(tmp_path, zookeeper, cap=1, domains="vm-*")
+    disks = [disk("vm-a"), disk("vm-b"), disk("vm-c"), disk("other")]
+    running = snap(disks, jobs=[job("vm-a"), job("vm-b"), job("vm-c", job_type="copy"), job("other")])
+    e, host = engines(path, "host-a")
+    host.view = running
+    leases = sorted([lease_name("host-a", ("vm-a", "vda")), lease_name("host-a", ("vm-b", "vda")), x_lease])
+    plan = settle(e, running, lambda p: lease_nodes(zookeeper) == leases and fleet_metric(e, "leases") == 2)
+    # Only pulls on disks a rule matches count: not the copy job, not the unmatched domain's pull.
+    assert [(d.domain, d.action, d.detail) for d in plan.decisions] == [
+        ("vm-a", "defer", "pull job active (started by someone else)"),
+        ("vm-b", "defer", "pull job active (started by someone else)"),
+        ("vm-c", "defer", "copy job active (started by someone else)")]
+    assert e.history().disks == {} and host.calls == []
+    # The budget counts them: other hosts wait.
+    assert other.acquire(("y", "vda"), "r") == (False, "3 fleet leases taken >= fleet max_concurrent 1")
+    # vm-a ends with an outcome: its lease goes. vm-b vanishes without one: its lease stays until
+    # lost_after (600 s by default) has passed.
+    e.on_outcome("vm-a", "vda", "pull", "completed", time.time())
+    gone = [disk("vm-a", chain=()), disk("vm-b", chain=()), disk("vm-c"), disk("other")]
+    later = snap(gone, jobs=[job("vm-c", job_type="copy"), job("other")], taken_wall=MONDAY_2AM + 600)
+    host.view = later
+    settle(e, later, lambda p: lease_nodes(zookeeper) == [lease_name("host-a", ("vm-b", "vda")), x_lease])
+    lost = snap(gone, jobs=[job("vm-c", job_type="copy"), job("other")], taken_wall=MONDAY_2AM + 601)
+    host.view = lost
+    settle(e, lost, lambda p: lease_nodes(zookeeper) == [x_lease])
+    vmlib.wait_for(lambda: fleet_metric(e, "leases") == 0, timeout=5, what="host-a's lease count back to 0")

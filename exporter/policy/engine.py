@@ -70,6 +70,9 @@ class PolicyEngine:
         self._fleet = None
         self._starting: set[DiskKey] = set()  # disks whose fleet lease is being taken for a start
         self._adopted_generation = 0  # the fleet identity generation whose leases were taken back
+        # Pulls found running without a lease when the fleet identity was (re)gained -> wall time
+        # found: they hold a lease until they end but stay foreign (they may be an operator's).
+        self._unleased: dict[DiskKey, float] = {}
         if self._policy.fleet is not None:
             import socket
 
@@ -114,23 +117,36 @@ class PolicyEngine:
         if self._fleet is not None:
             self._fleet.stop()
 
+    def _fleet_counted(self) -> frozenset:
+        """Disks whose running pull the fleet budget must count (call with the state lock held)."""
+        return frozenset(k for k, h in self._history.items() if h.running).union(self._unleased)
+
     def _fleet_needs(self) -> tuple[int, frozenset, frozenset]:
         """For the fleet's sync: which of this host's leases must stay (see FleetBudget)."""
         with self._lock:
-            return (self._adopted_generation, frozenset(k for k, h in self._history.items() if h.running),
-                    frozenset(self._starting))
+            return self._adopted_generation, self._fleet_counted(), frozenset(self._starting)
 
     def _take_back(self) -> None:
         """After this host's fleet identity is (re)gained: the pulls its leases cover that still run
-        are this policy's again (their outcome counts, then the lease goes); the others' leases go."""
+        are this policy's again (their outcome counts, then the lease goes); the others' leases go.
+
+        A pull running on a disk a rule matches with no lease (reaped while this exporter was away
+        longer than host_lost_after) gets one, over the budget if need be: it runs whatever we do,
+        and the budget must count it. It may be an operator's, so it is never adopted, aborted or
+        counted as an outcome; its lease goes when it ends. This errs on counting too many."""
         adoption = self._fleet.adoption() if self._fleet is not None and self._enforcing else None
         if adoption is None or adoption[0] == self._adopted_generation:
             return
         generation, leases = adoption
-        snapshot = self._host.fresh_snapshot() if leases else None  # every disk's job as it is now
-        if snapshot is not None and not snapshot.connected:
+        snapshot = self._host.fresh_snapshot()  # every disk's job as it is now
+        if not snapshot.connected:
             return  # libvirt down: try again on the next evaluation
+        matched = {c.disk.key for c in self._matches(snapshot, self.policy).candidates}
+        found = self._clock()
         with self._lock:
+            unleased = sorted(k for k, job in snapshot.jobs.items() if job.job_type in ("pull", "unknown")
+                              and k in matched and k not in leases and k not in self._fleet_counted())
+            self._unleased.update(dict.fromkeys(unleased, found))
             for key, lease in sorted(leases.items()):
                 h = self._history.get(key)
                 job = snapshot.jobs.get(key)
@@ -143,7 +159,11 @@ class PolicyEngine:
                 log.info("policy: took back the running pull on %s/%s (rule %s) and its fleet lease", key[0], key[1],
                          rule)
             self._adopted_generation = generation
-        ended = [k for k in leases if snapshot is None or k not in snapshot.jobs]
+        for key in unleased:
+            log.warning("policy: the pull on %s/%s runs without a fleet lease (released while this exporter was "
+                        "away, or someone else's); taking one for it, over the budget if need be, until it ends",
+                        key[0], key[1])
+        ended = [k for k in leases if k not in snapshot.jobs]
         if ended:
             log.info("policy: %d fleet leases of this host cover no running pull any more; releasing them",
                      len(ended))
@@ -264,9 +284,15 @@ class PolicyEngine:
                 self._history[key] = replace(h, aborting=aborting)
 
     def on_outcome(self, domain: str, disk: str, job_type: str, outcome: str, wall: float) -> None:
-        """A block job ended; only pulls this engine started (and still waits for) are affected."""
+        """A block job ended; only pulls this engine started (and still waits for) are affected, but
+        a pull found running without a lease (see _take_back) gives its lease up."""
         key = (domain, disk)
         with self._lock:
+            found = self._unleased.get(key)
+            if found is not None and job_type in ("pull", "unknown") and wall >= found:
+                del self._unleased[key]
+                log.info("policy: the pull on %s/%s that held a fleet lease without being this policy's ended (%s); "
+                         "its lease goes", domain, disk, outcome)
             h = self._history.get(key)
             if h is None or h.running_since is None or job_type not in ("pull", "unknown") or wall < h.running_since:
                 return  # not our pull, or a job that ended before ours started
@@ -292,6 +318,9 @@ class PolicyEngine:
             del self._history[key]
         if not snapshot.taken_wall:
             return
+        for key in [k for k, found in self._unleased.items()
+                    if k not in snapshot.jobs and snapshot.taken_wall - found > self._lost_after]:
+            del self._unleased[key]  # ended without a reported outcome
         lost = [(k, h) for k, h in self._history.items() if h.running_since is not None and k not in snapshot.jobs
                 and snapshot.taken_wall - h.running_since > self._lost_after]
         for key, h in lost:
