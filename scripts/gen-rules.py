@@ -237,15 +237,12 @@ sum by (job, instance) (libvirt_blockjob_policy_deferred{{{sel},reason="fleet"}}
 and on (job, instance)
 libvirt_blockjob_policy_fleet_connected{{{sel}}} == 0
 """
-    # More leases than pulls on the host: a lease nobody releases holds a slot of the whole fleet.
+    # More leases than the running pulls they are for: a lease nobody releases holds a slot of the
+    # whole fleet. Pulls an operator started hold no lease, so they must not mask a stale one.
     fleet_lease_expr = f"""
 libvirt_blockjob_policy_fleet_leases{{{sel}}}
 > on (job, instance)
-(
-  count by (job, instance) (libvirt_blockjob_cursor{{{sel},job_type="pull"}})
-  or on (job, instance)
-  libvirt_blockjob_policy_fleet_leases{{{sel}}} * 0
-)
+libvirt_blockjob_policy_fleet_pulls_running{{{sel}}}
 """
     rules = [
         _alert("LibvirtBlockJobExporterDown", f"up{{{sel}}} == 0", t["exporter_down"], t,
@@ -306,8 +303,8 @@ libvirt_blockjob_policy_fleet_leases{{{sel}}}
                f"starts no pull (more than {t['fleet_unavailable']['for']})."),
         _alert("LibvirtBlockJobPolicyFleetLeaseWithoutPull", fleet_lease_expr, t["fleet_lease_without_pull"], t,
                "A fleet pull lease is held with no pull running for it.",
-               f"The exporter {where} holds {{{{ $value }}}} fleet leases, more than the pulls running on that "
-               f"host, for more than {t['fleet_lease_without_pull']['for']}: the idle leases hold back pulls "
+               f"The exporter {where} holds {{{{ $value }}}} fleet leases, more than the running pulls they "
+               f"are for, for more than {t['fleet_lease_without_pull']['for']}: the idle leases hold back pulls "
                f"on every host sharing the budget."),
     ]
     return {"groups": [{"name": "libvirt-blockjob", "rules": rules}]}

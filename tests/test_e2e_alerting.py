@@ -49,6 +49,7 @@ EVENT_ONLY_ALERT_INPUTS = {
     "libvirt_blockjob_cursor": "while a job runs: test_throttled_pull_fires_libvirt_block_job_stalled",
     "libvirt_blockjob_policy_fleet_connected": "with a fleet policy: tests/test_integration_fleet.py",
     "libvirt_blockjob_policy_fleet_leases": "with a fleet policy: tests/test_integration_fleet.py",
+    "libvirt_blockjob_policy_fleet_pulls_running": "with a fleet policy: tests/test_integration_fleet.py",
 }
 # Dashboard queries allowed to return nothing in the scenario of test_every_dashboard_query_has_data,
 # as {(panel title, query): reason}. Empty: the scenario gives every query data.

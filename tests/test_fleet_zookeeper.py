@@ -509,6 +509,7 @@ def test_a_restart_after_its_leases_were_reaped_counts_its_running_pulls_even_ov
         ("vm-b", "defer", "pull job active (started by someone else)"),
         ("vm-c", "defer", "copy job active (started by someone else)")]
     assert e.history().disks == {} and host.calls == []
+    assert fleet_metric(e, "pulls_running") == 2
     # The budget counts them: other hosts wait.
     assert other.acquire(("y", "vda"), "r") == (False, "3 fleet leases taken >= fleet max_concurrent 1")
     # vm-a ends with an outcome: its lease goes. vm-b vanishes without one: its lease stays until
@@ -518,7 +519,26 @@ def test_a_restart_after_its_leases_were_reaped_counts_its_running_pulls_even_ov
     later = snap(gone, jobs=[job("vm-c", job_type="copy"), job("other")], taken_wall=MONDAY_2AM + 600)
     host.view = later
     settle(e, later, lambda p: lease_nodes(zookeeper) == [lease_name("host-a", ("vm-b", "vda")), x_lease])
+    assert fleet_metric(e, "pulls_running") == 0
     lost = snap(gone, jobs=[job("vm-c", job_type="copy"), job("other")], taken_wall=MONDAY_2AM + 601)
     host.view = lost
     settle(e, lost, lambda p: lease_nodes(zookeeper) == [x_lease])
     vmlib.wait_for(lambda: fleet_metric(e, "leases") == 0, timeout=5, what="host-a's lease count back to 0")
+
+
+def test_fleet_pulls_running_counts_the_policys_pulls_not_an_operators(zookeeper, engines, tmp_path):
+    """The gauge LibvirtBlockJobPolicyFleetLeaseWithoutPull compares the host's leases with."""
+    from test_policy_engine import disk, job, snap
+
+    path = fleet_policy(tmp_path, zookeeper, cap=2)
+    e, host = engines(path, "host-a")
+    idle = snap([disk("a")])
+    settle(e, idle, lambda p: p.starts)
+    assert host.calls == [("start_pull", "a", "vda", 0)]
+    assert fleet_metric(e, "pulls_running") == 0  # not in the inventory yet
+    # An operator starts a pull on a new disk b: it is not the policy's and holds no lease.
+    both = snap([disk("a"), disk("b")], jobs=[job("a"), job("b")])
+    host.view = both
+    settle(e, both, lambda p: fleet_metric(e, "leases") == 1)
+    assert (fleet_metric(e, "pulls_running"), fleet_metric(e, "leases")) == (1, 1)
+    assert lease_nodes(zookeeper) == [lease_name("host-a", ("a", "vda"))]

@@ -159,6 +159,8 @@ def test_three_hosts_share_a_budget_of_two_through_kill_and_zookeeper_outage(vm_
         exporters[victim] = again = start(victim, connected=False)
         again.wait_value("libvirt_blockjob_policy_fleet_leases", None, lambda v: v == 1, timeout=30,
                          what="the restarted exporter holds its pull's lease again")
+        again.wait_value("libvirt_blockjob_policy_fleet_pulls_running", None, lambda v: v == 1, timeout=10,
+                         what="the lease is for a running pull")
         t_back = time.time()
         took_back = [l for l in again.output().splitlines() if "took back the running pull" in l]
         assert any(victim_vm in line for line in took_back), "\n".join(
@@ -202,6 +204,7 @@ def test_three_hosts_share_a_budget_of_two_through_kill_and_zookeeper_outage(vm_
         for ex in exporters.values():
             ex.wait_value("libvirt_blockjob_policy_fleet_leases", None, lambda v: v == 0, timeout=15)
             ex.wait_value("libvirt_blockjob_policy_fleet_leases_in_use", None, lambda v: v == 0, timeout=15)
+            ex.wait_value("libvirt_blockjob_policy_fleet_pulls_running", None, lambda v: v == 0, timeout=15)
 
     assert not sampler.errors, sampler.errors[:3]
     times = [t for t, _ in sampler.samples]

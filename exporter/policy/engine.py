@@ -73,6 +73,7 @@ class PolicyEngine:
         # Pulls found running without a lease when the fleet identity was (re)gained -> wall time
         # found: they hold a lease until they end but stay foreign (they may be an operator's).
         self._unleased: dict[DiskKey, float] = {}
+        self._fleet_pulls = 0  # of _fleet_counted(), those the last snapshot shows running
         if self._policy.fleet is not None:
             import socket
 
@@ -190,6 +191,8 @@ class PolicyEngine:
                 plan = replace(plan, decisions=decisions, deferred=MappingProxyType(deferred))
             with self._lock:
                 self._last_plan = plan
+                if snapshot.connected:
+                    self._fleet_pulls = sum(1 for k in self._fleet_counted() if k in snapshot.jobs)
             self._log_changes(plan)
             if self._fleet is not None:
                 self._fleet.wake()  # release the leases of pulls that ended, at once
@@ -371,6 +374,7 @@ class PolicyEngine:
         with self._lock:
             policy, plan = self._policy, self._last_plan
             started, errors = dict(self._started), dict(self._errors)
+            fleet_pulls = self._fleet_pulls
             reload_ok, reload_time = self._reload_ok, self._reload_time
         candidates = GaugeMetricFamily("libvirt_blockjob_policy_candidates", "Disks matching the rule now",
                                        labels=["rule"])
@@ -398,6 +402,10 @@ class PolicyEngine:
                 GaugeMetricFamily("libvirt_blockjob_policy_fleet_leases",
                                   "Fleet leases this host holds (as last read from ZooKeeper)",
                                   value=float(self._fleet.held())),
+                GaugeMetricFamily("libvirt_blockjob_policy_fleet_pulls_running",
+                                  "Pulls running on this host that its fleet leases are for: the policy's own, and "
+                                  "those found running without a lease when the host's fleet identity was regained",
+                                  value=float(fleet_pulls)),
                 GaugeMetricFamily("libvirt_blockjob_policy_fleet_leases_in_use",
                                   "Fleet leases held by every host sharing the budget (as last read)",
                                   value=float(view.in_use)),
