@@ -31,6 +31,7 @@ import heapq
 import logging
 import math
 import queue
+from operator import attrgetter
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -366,10 +367,14 @@ class LibvirtHost:
         other disk's call; then the disks the sweep reaches."""
         moved = self._state.job_cursor_times()
         targets = self._all_targets()
-        with_job = sorted((t for t in targets if t.key in moved), key=lambda t: -moved[t.key])
+        with_job: list[Target] = []
+        idle: list[Target] = []
+        for t in targets:
+            (with_job if t.key in moved else idle).append(t)
+        with_job.sort(key=lambda t: -moved[t.key])
         lost = {a.domain for a in self._read(with_job) if a.info is None}
         xml_share = self._xml_share(len(with_job))
-        idle = self._sweep([t for t in targets if t.key not in moved], len(with_job) + xml_share)
+        idle = self._sweep(idle, len(with_job) + xml_share)
         found = {a.domain for a in self._read(idle) if a.info is not None}
         self._reread_xml(math.ceil(xml_share))
         # Have the disks read again (the next cycle's refresh) where a job appeared, so that its
@@ -428,7 +433,7 @@ class LibvirtHost:
         self._stats.discovery(math.ceil(len(idle) / room) * self._poll_interval)
         if room >= len(idle):
             return idle
-        at = bisect.bisect_right(idle, self._swept_up_to, key=lambda t: t.key)
+        at = bisect.bisect_right(idle, self._swept_up_to, key=attrgetter("key"))
         batch = (idle[at:] + idle[:at])[:room]
         self._swept_up_to = batch[-1].key
         return batch

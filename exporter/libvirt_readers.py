@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import libvirt
@@ -55,10 +55,10 @@ class Target:
     handle: libvirt.virDomain
     disk: str
     instance: DomainInstance
+    key: DiskKey = field(init=False, compare=False, repr=False)  # looked up for every disk every cycle
 
-    @property
-    def key(self) -> DiskKey:
-        return (self.domain, self.disk)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.domain, self.disk))
 
 
 @dataclass(frozen=True)
