@@ -14,7 +14,7 @@ from typing import Callable
 
 import libvirt
 
-from .libvirt_events import register_callbacks
+from .libvirt_events import ensure_event_loop, register_callbacks
 from .logsetup import RateLimitedLog
 from .selfstats import SelfStats
 
@@ -55,6 +55,7 @@ class Connection:
                 conn.setKeepAlive(5, 3)
             conn.registerCloseCallback(lambda _conn, _reason, _opaque: self._on_lost(), None)
             self._callback_ids = register_callbacks(conn, self._events)
+            ensure_event_loop().renew_soon_timer()  # answers go behind this connection's events too
         except libvirt.libvirtError as err:
             self._warn.warning("connect", "connected to %s but setting up failed: %s", self.uri, err)
             self.close()

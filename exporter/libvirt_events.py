@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -67,12 +68,16 @@ class EventLoop:
         # starve event delivery.
         self._turn_owed = False
         self._kick_timer = -1
+        self._soon_lock = threading.Lock()
+        self._soon: deque[list] = deque()  # [iterations still to wait, fn], oldest first
+        self._soon_timer = -1
 
     def start(self) -> None:
         libvirt.registerErrorHandler(silence_libvirt_stderr, None)
         libvirt.virEventRegisterDefaultImpl()
         # A disabled timer: arming it ends the loop's current iteration, so it can park.
         self._kick_timer = libvirt.virEventAddTimeout(-1, self._on_kick, None)
+        self.renew_soon_timer()
         threading.Thread(target=self._run, name="libvirt-event-loop", daemon=True).start()
 
     def _run(self) -> None:
@@ -93,24 +98,41 @@ class EventLoop:
     def _on_kick(timer: int, _opaque: object) -> None:
         libvirt.virEventUpdateTimeout(timer, -1)
 
-    @staticmethod
-    def call_soon(fn: Callable[[], None]) -> None:
+    def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread after every event that had reached this host's sockets.
 
         libvirt's client queues each event it reads and arms a zero timer to dispatch it; the
         loop fires due timers in the order they were added, before it reads the sockets that
         poll() found readable. So ``fn`` waits one whole iteration (which reads every event
-        already in a socket) and then fires behind the timers that dispatch them.
+        already in a socket) and then fires from a timer added after every connection's: behind
+        the timers that dispatch those events. One timer serves every call: libvirt-python never
+        frees the callback of a removed timer, so a timer per call leaks what its closure holds.
         """
-        def fire(timer: int, hops: list[int]) -> None:
-            libvirt.virEventRemoveTimeout(timer)
-            if hops[0]:
-                hops[0] -= 1
-                libvirt.virEventAddTimeout(0, fire, hops)
-            else:
-                fn()
+        with self._soon_lock:
+            self._soon.append([1, fn])
+            timer = self._soon_timer
+        libvirt.virEventUpdateTimeout(timer, 0)
 
-        libvirt.virEventAddTimeout(0, fire, [1])
+    def renew_soon_timer(self) -> None:
+        """Put ``call_soon``'s timer after every timer there is: call it once a connection has
+        registered its event callbacks (which adds that connection's dispatch timer)."""
+        with self._soon_lock:
+            old = self._soon_timer
+            self._soon_timer = libvirt.virEventAddTimeout(0 if self._soon else -1, self._on_soon, None)
+        if old >= 0:
+            libvirt.virEventRemoveTimeout(old)
+
+    def _on_soon(self, timer: int, _opaque: object) -> None:
+        due = []
+        with self._soon_lock:
+            while self._soon and self._soon[0][0] == 0:
+                due.append(self._soon.popleft()[1])
+            for entry in self._soon:
+                entry[0] = 0
+            if not self._soon:
+                libvirt.virEventUpdateTimeout(timer, -1)
+        for fn in due:
+            fn()
 
     @contextmanager
     def held(self) -> Iterator[None]:

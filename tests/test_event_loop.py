@@ -91,3 +91,44 @@ def test_holds_nest_across_threads(ticks):
     thread.join(5)
     time.sleep(0.2)
     assert count[0] - before >= 5
+
+
+def test_call_soon_runs_in_order_after_a_whole_iteration_and_keeps_nothing():
+    """Each function runs once, in call order, behind a timer armed before it (the stand-in for a
+    connection's event dispatch), and nothing it holds stays alive: libvirt-python never frees
+    the callback of a removed timer, so a timer per call leaked every poll's answers."""
+    import gc
+    import weakref
+
+    loop = ensure_event_loop()
+    order: list[object] = []
+    dispatched = threading.Event()
+
+    def dispatch(timer, _opaque):  # what libvirt's client does with an event it read
+        libvirt.virEventUpdateTimeout(timer, -1)
+        order.append("event")
+        dispatched.set()
+
+    event_timer = libvirt.virEventAddTimeout(-1, dispatch, None)
+    loop.renew_soon_timer()  # as after a connection registers its callbacks
+    try:
+        class Answer:
+            pass
+
+        kept: list[weakref.ref] = []
+        for round_ in range(200):
+            answer = Answer()
+            kept.append(weakref.ref(answer))
+            libvirt.virEventUpdateTimeout(event_timer, 0)  # an event is in the queue
+            loop.call_soon(lambda answer=answer, n=round_: order.append(n))
+        deadline = time.monotonic() + 5
+        while len([x for x in order if x != "event"]) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answers = [x for x in order if x != "event"]
+        assert answers == list(range(200))
+        assert order[0] == "event"  # the first answer came after the event armed before it
+        del answer
+        gc.collect()
+        assert sum(1 for ref in kept if ref() is not None) == 0
+    finally:
+        libvirt.virEventRemoveTimeout(event_timer)
