@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how often the domain list is read and each domain's XML (its disks and backing chains) "
                              "is re-read, besides event-driven refreshes; the re-reads are spread over the poll "
                              "cycles within the call budget (default 30s)")
+    parser.add_argument("--collector.chain-depth.min-depth", dest="chain_depth_min", default=0,
+                        type=_count_flag(0, 1000),
+                        help="export libvirt_blockjob_backing_chain_depth only for disks with at least this many "
+                             "backing images, and libvirt_blockjob_disks_by_backing_depth for all: bounds the "
+                             "series of a host with many flat disks; 0 exports every disk (default 0)")
     parser.add_argument("--state.file", dest="state_file", default=DEFAULT_STATE_FILE, type=_path_flag,
                         help="where the jobs being tracked are kept across restarts, so that a job that ends while "
                              f"the exporter is down is still counted; '' keeps nothing (default {DEFAULT_STATE_FILE})")
@@ -292,7 +297,7 @@ def run_exporter(args: argparse.Namespace) -> int:
     host = LibvirtHost(uri=args.uri, state=state, stats=stats, poll_interval=args.poll_interval,
                        inventory_interval=args.inventory_interval, call_budget=args.call_budget,
                        read_only=not args.policy_enforce, on_outcomes=on_outcomes, after_cycle=after_cycle)
-    collector = BlockJobCollector(state, stats, __version__)
+    collector = BlockJobCollector(state, stats, __version__, min_depth=args.chain_depth_min)
     if args.policy_file:
         from .policy.config import PolicyError
         from .policy.engine import PolicyEngine

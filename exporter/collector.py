@@ -18,6 +18,7 @@ import functools
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable, Iterable, Mapping, Sequence
@@ -79,6 +80,10 @@ INFERRED = Family("libvirt_blockjob_outcomes_inferred",
                   (*JOB_LABELS, "outcome"), "counter")
 DEPTH = Family("libvirt_blockjob_backing_chain_depth", "Backing images under the active layer (0 = flat)",
                ("disk", "domain"))
+DISKS_BY_DEPTH = Family("libvirt_blockjob_disks_by_backing_depth",
+                        "Disks polled, by backing images under the active layer (with "
+                        "--collector.chain-depth.min-depth, which leaves the shallower disks out of "
+                        "libvirt_blockjob_backing_chain_depth)", ("depth",))
 # Host-wide gauges, with their value in the snapshot.
 TOTALS = tuple((Family(name, help_text), value) for name, value, help_text in (
     ("libvirt_blockjob_active_jobs", lambda s: len(s.jobs), "Active block jobs on the host"),
@@ -113,8 +118,9 @@ class BlockJobWriter:
 
     _MAX_LABEL_TEXTS = 65536  # bounds the label-text cache; it starts over beyond that
 
-    def __init__(self, version: str) -> None:
+    def __init__(self, version: str, min_depth: int = 0) -> None:
         self._version = version
+        self._min_depth = min_depth  # per-disk chain depth only from this depth; 0: every disk
         self._labels: dict[tuple[str, ...], str] = {}  # (domain, disk[, job_type]) -> label text
 
     def _disk(self, domain: str, disk: str, job_type: str | None = None) -> str:
@@ -153,7 +159,11 @@ class BlockJobWriter:
         family(INFERRED, [(_label_text(INFERRED.labels, (disk, domain, job_type, outcome)), count)
                           for (domain, disk, job_type, outcome), count in sorted(snap.inferred_outcomes.items())])
         family(DEPTH, [(self._disk(domain, disk), info.backing_depth)
-                       for (domain, disk), info in sorted(snap.disks.items())])
+                       for (domain, disk), info in sorted(snap.disks.items()) if info.backing_depth >= self._min_depth])
+        if self._min_depth:
+            by_depth = Counter(info.backing_depth for info in snap.disks.values())
+            family(DISKS_BY_DEPTH, [(_label_text(DISKS_BY_DEPTH.labels, (str(depth),)), count)
+                                    for depth, count in sorted(by_depth.items())])
         for fam, total in TOTALS:
             family(fam, [("", total(snap))])
         family(UNRESPONSIVE, [(_label_text(UNRESPONSIVE.labels, (domain,)), 1)
@@ -200,10 +210,10 @@ class BlockJobCollector:
 
     def __init__(self, state: State, stats: SelfStats, version: str,
                  extra: Sequence[tuple[str, Families]] = (), process: bool = True,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, min_depth: int = 0) -> None:
         self._state = state
         self._clock = clock
-        self._writer = BlockJobWriter(version)
+        self._writer = BlockJobWriter(version, min_depth)
         self._named: list[tuple[str, Families]] = [("exporter", lambda: stats_families(stats.snapshot()))]
         self._named.extend(extra)
         if process:

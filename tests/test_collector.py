@@ -409,3 +409,25 @@ def test_exposition_passes_promtool_check_metrics():
     body = BlockJobCollector(state, stats, "1").exposition(None)[0]
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_a_minimum_chain_depth_leaves_flat_disks_out_and_counts_every_disk_by_depth():
+    """--collector.chain-depth.min-depth bounds the per-disk series of a host of flat disks; the
+    count by depth still covers every disk (0 keeps today's output: the golden tests above)."""
+    state, _, _ = busy_state()
+    names = frozenset({"libvirt_blockjob_backing_chain_depth", "libvirt_blockjob_disks_by_backing_depth"})
+    text = BlockJobWriter("1", min_depth=1).write(state.snapshot(), False, names)
+    depth_lines = [line for line in text.splitlines() if line.startswith("libvirt_blockjob_backing_chain_depth{")]
+    assert depth_lines == [
+        'libvirt_blockjob_backing_chain_depth{disk="vda",domain="we\\"ird\\\\name\\nwith ünïcode"} 2.0',
+        'libvirt_blockjob_backing_chain_depth{disk="vda",domain="web-1"} 2.0',
+        'libvirt_blockjob_backing_chain_depth{disk="vda",domain="web-2"} 2.0',
+    ]  # db-1 crashed: its disks are gone; every vdb is flat
+    assert text.endswith(
+        "# HELP libvirt_blockjob_disks_by_backing_depth Disks polled, by backing images under the active layer "
+        "(with --collector.chain-depth.min-depth, which leaves the shallower disks out of "
+        "libvirt_blockjob_backing_chain_depth)\n"
+        "# TYPE libvirt_blockjob_disks_by_backing_depth gauge\n"
+        'libvirt_blockjob_disks_by_backing_depth{depth="0"} 3.0\n'
+        'libvirt_blockjob_disks_by_backing_depth{depth="2"} 3.0\n')
+    assert "disks_by_backing_depth" not in BlockJobWriter("1").write(state.snapshot(), False)
