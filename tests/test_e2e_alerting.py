@@ -46,7 +46,6 @@ EVENT_ONLY_ALERT_INPUTS = {
     "libvirt_blockjob_ready": "while a job runs: test_throttled_pull_fires_libvirt_block_job_stalled",
     "libvirt_blockjob:eta_seconds:rate5m": "while a job moves: test_every_dashboard_query_has_data (rate1m)",
     "libvirt_blockjob_domain_unresponsive": "while a QEMU hangs: test_integration_core's hung-domain test",
-    "libvirt_blockjob_cursor": "while a job runs: test_throttled_pull_fires_libvirt_block_job_stalled",
     "libvirt_blockjob_policy_fleet_connected": "with a fleet policy: tests/test_integration_fleet.py",
     "libvirt_blockjob_policy_fleet_leases": "with a fleet policy: tests/test_integration_fleet.py",
     "libvirt_blockjob_policy_fleet_pulls_running": "with a fleet policy: tests/test_integration_fleet.py",
