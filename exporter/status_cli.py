@@ -32,6 +32,7 @@ import urllib.request
 from typing import Any, Callable, TextIO
 
 from . import __version__
+from .configfile import open_file
 from .status import MAX_BYTES, build_status
 
 HTTP_TIMEOUT_SECONDS = 10.0
@@ -196,6 +197,9 @@ class ExporterSource:
             token = base64.b64encode(f"{username}:{password or ''}".encode("utf-8")).decode("ascii")
             self._headers["Authorization"] = f"Basic {token}"
         try:
+            if ca_file:
+                with open_file(ca_file):  # OpenSSL would wait on a FIFO for ever
+                    pass
             self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
         except (OSError, ssl.SSLError) as err:
             raise SourceError(f"cannot use --exporter.ca-file {ca_file}: {err}") from None
@@ -392,7 +396,7 @@ def _watch(source, doc: dict[str, Any], label: str, output: str, interval: float
 
 def _read_password(path: str) -> str:
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             raw = f.read(MAX_PASSWORD_FILE_BYTES + 1)
     except OSError as e:
         raise SourceError(f"cannot read --exporter.password-file: {e}") from None

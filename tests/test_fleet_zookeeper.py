@@ -7,9 +7,11 @@ engine's answer to "which leases must stay" is a plain object the test changes.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -542,3 +544,29 @@ def test_fleet_pulls_running_counts_the_policys_pulls_not_an_operators(zookeeper
     settle(e, both, lambda p: fleet_metric(e, "leases") == 1)
     assert (fleet_metric(e, "pulls_running"), fleet_metric(e, "leases")) == (1, 1)
     assert lease_nodes(zookeeper) == [lease_name("host-a", ("a", "vda"))]
+
+
+@pytest.mark.parametrize("which", ("password_file", "ca_file"))
+def test_a_fifo_as_a_fleet_secret_or_tls_file_is_an_error_not_a_wait(tmp_path, which):
+    """The client is made without ZooKeeper: a FIFO named as the digest password or a TLS file is
+    refused at once (open() and OpenSSL would wait on it for ever)."""
+    from exporter.policy.config import FleetDigest, FleetTLS
+    from exporter.policy.fleet import FleetError, make_client
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    config = Fleet("127.0.0.1:1", "/lbj", 1,
+                   digest_auth=FleetDigest("u", str(fifo)) if which == "password_file" else None,
+                   tls=FleetTLS(str(fifo), None, None, True) if which == "ca_file" else None)
+    errors: list[Exception] = []
+
+    def make() -> None:
+        try:
+            make_client(config)
+        except FleetError as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=make, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert len(errors) == 1 and "FIFO or socket" in str(errors[0]), "the client waited on the FIFO"

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from types import SimpleNamespace
@@ -453,3 +452,19 @@ def test_an_unreachable_libvirt_is_exit_1():
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
         "libvirt-blockjob-exporter status: cannot read block jobs from qemu+unix:///system?socket=/nonexistent")
+
+
+@pytest.mark.parametrize("flag", ("--exporter.password-file", "--exporter.ca-file"))
+def test_a_fifo_as_the_password_or_ca_file_is_an_error_not_a_wait(tmp_path, capsys, flag):
+    """open() of a FIFO waits for a writer for ever: the command must refuse it at once."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = ["--exporter.url", "http://127.0.0.1:9/", flag, str(fifo)]
+    if flag == "--exporter.password-file":
+        args += ["--exporter.username", "alice"]
+    result = []
+    worker = threading.Thread(target=lambda: result.append(status_main(args)), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert result == [1], "the command waited on the FIFO"
+    assert "FIFO or socket" in capsys.readouterr().err

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import quote, unquote
 
+from exporter.configfile import open_file
 from exporter.model import DiskKey
 
 from .config import MAX_FLEET_PULLS, Fleet
@@ -119,7 +120,7 @@ def _parse_budget(data: bytes | None) -> int | None:
 
 def _read_password(path: str) -> str:
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             raw = f.read(MAX_PASSWORD_BYTES + 1)
     except OSError as e:
         raise FleetError(f"fleet.digest_auth.password_file {path}: {e.strerror or e}") from None
@@ -144,6 +145,14 @@ def make_client(config: Fleet):
         # Ours to change, everyone's to read (policy plan, zkCli): the leases are not secret.
         kw["default_acl"] = [make_digest_acl(user, password, all=True), make_acl("world", "anyone", read=True)]
     if config.tls is not None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(config.tls, key)
+            try:
+                if path:
+                    with open_file(path):  # OpenSSL would wait on a FIFO for ever
+                        pass
+            except OSError as e:
+                raise FleetError(f"fleet.tls.{key} {path}: {e.strerror or e}") from None
         kw.update(use_ssl=True, verify_certs=config.tls.verify, ca=config.tls.ca_file,
                   certfile=config.tls.cert_file, keyfile=config.tls.key_file)
     return KazooClient(
