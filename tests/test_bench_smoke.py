@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from exporter.cli import DEFAULT_CALL_BUDGET
+
 REPO = Path(__file__).resolve().parent.parent
 
 POINT_FIGURES = [
@@ -21,7 +23,7 @@ POINT_FIGURES = [
     "host_busy_pct_during_idle",
     "libvirtd_cpu_pct", "libvirtd_baseline_cpu_pct", "libvirtd_added_cpu_pct",
     "qemu_cpu_pct", "qemu_baseline_cpu_pct", "qemu_added_cpu_pct",
-    "blockjobinfo_per_s", "discovery_interval_s", "series_count",
+    "blockjobinfo_per_s", "calls_per_s", "discovery_interval_s", "series_count",
     "ours_scrape_p50_ms", "ours_scrape_p99_ms", "ours_alone_scrape_p50_ms", "ours_alone_scrape_p99_ms",
     "ours_wire_kib", "ours_body_kib", "ours_cpu_per_scrape_ms",
     "debian_scrape_p50_ms", "debian_scrape_p99_ms", "debian_wire_kib", "debian_body_kib",
@@ -54,13 +56,13 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
     assert [(p["disks"], p["budget"]) for p in results["points"]] == [
         (10, "on"), (20, "on"), (40, "on"), (40, "off")]
     assert [p["domains"] for p in results["points"]] == [10, 20, 20, 20]
-    assert [p["call_budget"] for p in results["points"]][-2:] == [100, 0]
+    assert [p["call_budget"] for p in results["points"]][-2:] == [DEFAULT_CALL_BUDGET, 0]
     for point in results["points"]:
         for figure in POINT_FIGURES:
             value = point.get(figure)
             assert isinstance(value, (int, float)), (point["disks"], figure, value)
             assert math.isfinite(value) or figure in MAY_BE_NAN, (point["disks"], figure, value)
-        # A budget of 100 calls/s covers every disk of these small points every cycle.
+        # The default budget covers every disk of these small points every cycle.
         assert point["blockjobinfo_per_cycle"] >= point["disks"]
         assert point["idle_calls_per_cycle"]["blockJobInfo"] > 0
         assert point["discovery_interval_s"] == 1.0
