@@ -31,11 +31,11 @@ import heapq
 import logging
 import math
 import queue
-from operator import attrgetter
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Callable, Iterator
 
 import libvirt
