@@ -147,14 +147,21 @@ def open_file(path: str) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def read_bounded(path: str, limit: int) -> bytes | None:
+    """The file's bytes, or None if it holds more than ``limit``: reads at most ``limit`` + 1, so
+    ``/dev/zero`` cannot grow memory. OSError if it cannot be read (a FIFO or socket included)."""
+    with open_file(path) as f:
+        raw = f.read(limit + 1)
+    return raw if len(raw) <= limit else None
+
+
 def read_text(path: str, what: str) -> str:
-    """The file's text, reading at most MAX_BYTES + 1 bytes (``/dev/zero`` cannot grow memory)."""
+    """The file's text, at most MAX_BYTES of it."""
     try:
-        with open_file(path) as f:
-            raw = f.read(MAX_BYTES + 1)
+        raw = read_bounded(path, MAX_BYTES)
     except OSError as e:
         raise ConfigError([Problem(path, None, f"cannot read {what}: {e.strerror or e}")]) from None
-    if len(raw) > MAX_BYTES:
+    if raw is None:
         raise ConfigError([Problem(path, None, f"{what} is larger than {MAX_BYTES // 1024} KiB")])
     try:
         return raw.decode("utf-8")

@@ -32,7 +32,7 @@ import urllib.request
 from typing import Any, Callable, TextIO
 
 from . import __version__
-from .configfile import open_file
+from .configfile import open_file, read_bounded
 from .status import MAX_BYTES, build_status
 
 HTTP_TIMEOUT_SECONDS = 10.0
@@ -396,10 +396,9 @@ def _watch(source, doc: dict[str, Any], label: str, output: str, interval: float
 
 def _read_password(path: str) -> str:
     try:
-        with open_file(path) as f:
-            raw = f.read(MAX_PASSWORD_FILE_BYTES + 1)
+        raw = read_bounded(path, MAX_PASSWORD_FILE_BYTES)
     except OSError as e:
         raise SourceError(f"cannot read --exporter.password-file: {e}") from None
-    if len(raw) > MAX_PASSWORD_FILE_BYTES:
+    if raw is None:
         raise SourceError(f"--exporter.password-file {path} is longer than {MAX_PASSWORD_FILE_BYTES} bytes")
     return raw.decode("utf-8", "replace").rstrip("\r\n")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import quote, unquote
 
-from exporter.configfile import open_file
+from exporter.configfile import open_file, read_bounded
 from exporter.model import DiskKey
 
 from .config import MAX_FLEET_PULLS, Fleet
@@ -120,11 +120,10 @@ def _parse_budget(data: bytes | None) -> int | None:
 
 def _read_password(path: str) -> str:
     try:
-        with open_file(path) as f:
-            raw = f.read(MAX_PASSWORD_BYTES + 1)
+        raw = read_bounded(path, MAX_PASSWORD_BYTES)
     except OSError as e:
         raise FleetError(f"fleet.digest_auth.password_file {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_PASSWORD_BYTES:
+    if raw is None:
         raise FleetError(f"fleet.digest_auth.password_file {path}: larger than {MAX_PASSWORD_BYTES} bytes")
     try:
         return raw.decode().rstrip("\r\n")
