@@ -38,6 +38,7 @@ RUNBOOK_URL = ("https://github.com/libvirt-blockjob-exporter/libvirt-blockjob-ex
                "docs/runbook.md#libvirtblockjobfaileddirect")
 RESULTS = ("success", "error", "dropped")
 RESERVED_LABELS = frozenset({"alertname", "severity", "domain", "disk", "job_type", "instance", "source"})
+MAX_LABEL_VALUE_CHARS = 1024
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _LOG_EVERY_SECONDS = 60.0
 
@@ -77,6 +78,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def label_problem(name: str, value: str) -> str | None:
+    """Why ``name=value`` cannot be an extra label of the direct alerts, or None."""
+    if not _LABEL_NAME.match(name) or name.startswith("__"):
+        return f"invalid label name {name!r}"
+    if name in RESERVED_LABELS:
+        return f"label {name!r} is set by the notifier and cannot be overridden"
+    if not value or len(value) > MAX_LABEL_VALUE_CHARS:
+        return f"label {name!r}: the value must have 1 to {MAX_LABEL_VALUE_CHARS} characters"
+    return None
+
+
 class AlertmanagerNotifier:
     def __init__(self, url: str, resolve_after_seconds: float = 300.0, timeout_seconds: float = 5.0,
                  instance: str = "", extra_labels: Mapping[str, str] | None = None, queue_size: int = 1000,
@@ -88,11 +100,10 @@ class AlertmanagerNotifier:
         if resolve_after_seconds <= 0 or timeout_seconds <= 0 or queue_size < 1 or retries < 0:
             raise ValueError("resolve_after_seconds and timeout_seconds must be > 0, queue_size >= 1, retries >= 0")
         extra = dict(extra_labels or {})
-        for name in extra:
-            if not _LABEL_NAME.match(name) or name.startswith("__"):
-                raise ValueError(f"invalid label name {name!r}")
-            if name in RESERVED_LABELS:
-                raise ValueError(f"label {name!r} is set by the notifier and cannot be overridden")
+        for name, value in extra.items():
+            problem = label_problem(name, value)
+            if problem:
+                raise ValueError(problem)
 
         self._headers = {"Content-Type": "application/json", "User-Agent": f"{SOURCE}/{__version__}"}
         if parts.username is not None:

@@ -28,6 +28,7 @@ DEFAULT_CALL_BUDGET = 80
 DEFAULT_STATE_FILE = "/var/lib/libvirt-blockjob-exporter/state.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 MAX_FLAG_CHARS = 4096  # any flag value; a path or URL is far shorter
+MAX_ALERT_LABELS = 16
 MIN_LIBVIRT_WATCH_SECONDS = 1.0  # each refresh of `status --watch` from libvirt re-reads every domain and disk
 
 
@@ -108,6 +109,19 @@ _path_flag = _bounded(lambda text: text)
 
 
 @_bounded
+def _alert_label_flag(text: str) -> tuple[str, str]:
+    from .alertmanager import label_problem
+
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"{text!r}: expected NAME=VALUE, e.g. cluster=eu-1")
+    problem = label_problem(name, value)
+    if problem:
+        raise ValueError(problem)
+    return name, value
+
+
+@_bounded
 def _host_id_flag(text: str) -> str:
     from .policy.fleet import host_id_problem
 
@@ -174,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alertmanager.resolve-after", dest="alertmanager_resolve_after", default=300.0,
                         type=_duration_flag(1.0, 7 * 86400),
                         help="direct alerts resolve themselves after this (default 5m)")
+    parser.add_argument("--alertmanager.label", dest="alertmanager_labels", action="append", default=None,
+                        type=_alert_label_flag, metavar="NAME=VALUE",
+                        help="add this label to every direct alert, e.g. cluster=eu-1 for routing; repeatable, "
+                             f"at most {MAX_ALERT_LABELS} (none by default)")
     parser.add_argument("--log.level", dest="log_level", default="info", choices=LEVELS,
                         help=f"log messages at this level and above: {', '.join(LEVELS)} (default info)")
     parser.add_argument("--log.format", dest="log_format", default="text", choices=("text", "json"),
@@ -250,6 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.policy_enforce and not args.policy_file:
         build_parser().error("--policy.enforce needs --policy.file")
+    args.alertmanager_labels = args.alertmanager_labels or []
+    names = [name for name, _ in args.alertmanager_labels]
+    if len(names) > MAX_ALERT_LABELS:
+        build_parser().error(f"--alertmanager.label: at most {MAX_ALERT_LABELS}")
+    if len(set(names)) < len(names):
+        build_parser().error("--alertmanager.label: each label once")
+    if names and not args.alertmanager_url:
+        build_parser().error("--alertmanager.label needs --alertmanager.url")
     setup_logging(args.log_level, args.log_format)
     return run_exporter(args)
 
@@ -279,7 +305,7 @@ def run_exporter(args: argparse.Namespace) -> int:
         from .alertmanager import AlertmanagerNotifier
 
         notifier = AlertmanagerNotifier(args.alertmanager_url, resolve_after_seconds=args.alertmanager_resolve_after,
-                                        instance=args.listen_address)
+                                        instance=args.listen_address, extra_labels=dict(args.alertmanager_labels))
 
     def on_outcomes(outcomes) -> None:
         for outcome in outcomes:

@@ -584,8 +584,9 @@ def _listen(host: str, port: int) -> socket.socket:
         infos.sort(key=lambda i: i[0] != socket.AF_INET)  # like Go: one address per name, IPv4 first
         candidates = [(infos[0][0], infos[0][4][:2], False)]
     for i, (family, addr, dual) in enumerate(candidates):
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = None
         try:
+            sock = socket.socket(family, socket.SOCK_STREAM)  # EAFNOSUPPORT on a host without IPv6
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
@@ -594,7 +595,8 @@ def _listen(host: str, port: int) -> socket.socket:
             sock.setblocking(False)
             return sock
         except OSError as e:
-            sock.close()
+            if sock is not None:
+                sock.close()
             if i + 1 == len(candidates) or e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
     raise AssertionError("unreachable")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.cli import build_parser, policy_main
+from exporter.cli import build_parser, main, policy_main
 
 
 def parse_error(capsys, argv) -> str:
@@ -54,6 +54,16 @@ def parse_error(capsys, argv) -> str:
         (["--policy.fleet.host-id", "h" * 254], f"argument --policy.fleet.host-id: {'h' * 254!r}: must be 1 to 253 characters"),
         (["--policy.fleet.host-id", "a b"], "argument --policy.fleet.host-id: 'a b': must be printable, without spaces"),
         (["--policy.fleet.host-id", ""], "argument --policy.fleet.host-id: '': must be 1 to 253 characters"),
+        (["--alertmanager.label", "cluster"], "argument --alertmanager.label: 'cluster': expected NAME=VALUE, "
+                                              "e.g. cluster=eu-1"),
+        (["--alertmanager.label", "bad-name=x"], "argument --alertmanager.label: invalid label name 'bad-name'"),
+        (["--alertmanager.label", "__meta=x"], "argument --alertmanager.label: invalid label name '__meta'"),
+        (["--alertmanager.label", "severity=info"],
+         "argument --alertmanager.label: label 'severity' is set by the notifier and cannot be overridden"),
+        (["--alertmanager.label", "cluster="],
+         "argument --alertmanager.label: label 'cluster': the value must have 1 to 1024 characters"),
+        (["--alertmanager.label", "cluster=" + "x" * 1025],
+         "argument --alertmanager.label: label 'cluster': the value must have 1 to 1024 characters"),
     ],
 )
 def test_bad_flag_values_exit_2(capsys, argv, message):
@@ -66,6 +76,26 @@ def test_good_flag_values():
                                       "--alertmanager.resolve-after", "1.5m"])
     assert (args.poll_interval, args.inventory_interval, args.alertmanager_resolve_after) == (1.5, 86400, 90)
     assert args.alertmanager_url == "https://am.example:9093/prefix"
+    assert args.alertmanager_labels is None
+    args = build_parser().parse_args(["--alertmanager.label", "cluster=eu=1", "--alertmanager.label", "env=prod"])
+    assert args.alertmanager_labels == [("cluster", "eu=1"), ("env", "prod")]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--alertmanager.label", "env=a"], "--alertmanager.label needs --alertmanager.url"),
+        (["--alertmanager.url", "http://am:9093", "--alertmanager.label", "env=a", "--alertmanager.label", "env=b"],
+         "--alertmanager.label: each label once"),
+        (["--alertmanager.url", "http://am:9093", *[a for i in range(17) for a in ("--alertmanager.label", f"l{i}=v")]],
+         "--alertmanager.label: at most 16"),
+    ],
+)
+def test_alertmanager_labels_checked_together_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"libvirt-blockjob-exporter: error: {message}"
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,8 @@ def stack(tmp_path_factory, request):
                                 group_wait="0s", group_interval="1s", repeat_interval="10s")
         cleanup.callback(am.stop)
         am.start()
-        exporter = Exporter(f"--policy.file={policy}", f"--alertmanager.url={am.url}", poll_interval="0.2s")
+        exporter = Exporter(f"--policy.file={policy}", f"--alertmanager.url={am.url}",
+                            "--alertmanager.label=cluster=lab", poll_interval="0.2s")
         cleanup.callback(exporter.stop)
         instance = exporter.url.removeprefix("http://")
         rule_files = alert_rule_files(tmp / "rules", THRESHOLDS)
@@ -234,7 +235,7 @@ def test_direct_alert_arrives_before_prometheus_alert(stack, vm_factory):
     labels = direct["labels"]
     assert labels == {**labels, "alertname": "LibvirtBlockJobFailedDirect", "domain": vm.name, "disk": "vda",
                       "job_type": "pull", "severity": "critical", "instance": stack.instance,
-                      "source": "libvirt-blockjob-exporter"}, labels
+                      "source": "libvirt-blockjob-exporter", "cluster": "lab"}, labels
     # startsAt is the failure's time as the exporter saw it (libvirt's event), not the post's.
     starts = datetime.fromisoformat(direct["startsAt"].replace("Z", "+00:00")).timestamp()
     assert abs(starts - failed_at) < 2, (direct["startsAt"], failed_at)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import gzip
 import http.client
 import os
@@ -676,3 +677,26 @@ def test_a_client_that_stops_reading_is_cut_off():
         finally:
             s.close()
         assert get(ws, "/-/healthy")[0].status == 200
+
+
+def test_all_interfaces_fall_back_to_ipv4_on_a_host_without_ipv6(monkeypatch):
+    """`:PORT` listens on IPv6 and IPv4 at once, or on IPv4 alone where the kernel has no IPv6."""
+    real_socket = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    sock = webmod._listen("", 0)
+    try:
+        assert sock.family == socket.AF_INET6
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    finally:
+        sock.close()
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    sock = webmod._listen("", 0)
+    try:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "0.0.0.0"
+    finally:
+        sock.close()
