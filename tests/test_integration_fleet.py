@@ -20,7 +20,6 @@ budget kept ours at 2, and its ``fleet`` deferrals show it.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -55,32 +54,15 @@ def virsh_jobs(names: list[str]) -> frozenset[str]:
     return frozenset(busy)
 
 
-class Sampler:
-    """``virsh_jobs`` every 0.2 s in a thread: (Unix time, domains with a job)."""
+class VirshSampler(vmlib.Sampler):
+    """``virsh_jobs`` every 0.2 s: (Unix time, domains with a job)."""
 
     def __init__(self, names: list[str], interval: float = 0.2) -> None:
-        self.names, self.interval = names, interval
-        self.samples: list[tuple[float, frozenset[str]]] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="virsh-sampler")
+        super().__init__(interval)
+        self.names = names
 
-    def __enter__(self) -> "Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                self.samples.append((time.time(), virsh_jobs(self.names)))
-            except Exception as e:  # noqa: BLE001 - reported by the test
-                self.errors.append(repr(e))
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+    def take(self) -> tuple[float, frozenset[str]]:
+        return time.time(), virsh_jobs(self.names)
 
     def since(self, t: float) -> list[frozenset[str]]:
         return [s for when, s in self.samples if when >= t]
@@ -130,7 +112,7 @@ def test_three_hosts_share_a_budget_of_two_through_kill_and_zookeeper_outage(vm_
         return exporter(f"--policy.file={write(h)}", "--policy.enforce", f"--policy.fleet.host-id=host{h}",
                         poll_interval="0.5s", state_file=str(state / "state.json"), connected=connected)
 
-    with Sampler(names) as sampler:
+    with VirshSampler(names) as sampler:
         t0 = time.time()
         exporters = {h: start(h) for h in range(HOSTS)}
         print(f"three exporters connected: {time.time() - t0:.1f} s")

@@ -142,47 +142,31 @@ class Sample:
     synced: bool  # the exporter was connected and had polled, so active_jobs is meaningful
 
 
-class JobSampler:
-    """Samples virsh and the exporter every ``interval`` in a thread, until stopped."""
+class JobSampler(vmlib.Sampler):
+    """Samples virsh and the exporter together, every ``interval``."""
 
     def __init__(self, ex: Exporter, vms, interval: float = 0.1) -> None:
-        self.ex, self.vms, self.interval = ex, list(vms), interval
-        self.samples: list[Sample] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="job-sampler")
-
-    def __enter__(self) -> "JobSampler":
-        self._thread.start()
-        return self
+        super().__init__(interval)
+        self.ex, self.vms = ex, list(vms)
+        self._pool = ThreadPoolExecutor(max_workers=len(self.vms) + 1)
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__exit__(*exc)
+        self._pool.shutdown()
 
-    def _run(self) -> None:
+    def take(self) -> Sample:
         names = [vm.name for vm in self.vms]
-        with ThreadPoolExecutor(max_workers=len(self.vms) + 1) as pool:
-            while not self._stop.is_set():
-                began = time.monotonic()
-                try:
-                    scraping = pool.submit(self.ex.scrape)
-                    infos = list(pool.map(lambda vm: vmlib.job_info(vm), self.vms))
-                    scrape = scraping.result()
-                except Exception as e:  # noqa: BLE001 - reported by the test
-                    self.errors.append(repr(e))
-                    time.sleep(self.interval)
-                    continue
-                self.samples.append(Sample(
-                    t=time.time(),
-                    virsh=frozenset(n for n, info in zip(names, infos) if info),
-                    exporter=frozenset(n for n in names
-                                       if scrape.get("libvirt_blockjob_cursor", job_labels(n)) is not None),
-                    active_jobs=scrape.get("libvirt_blockjob_active_jobs") or 0.0,
-                    synced=scrape.get("libvirt_blockjob_up") == 1
-                    and (scrape.get("libvirt_blockjob_poll_cycles_total") or 0) >= 1,
-                ))
-                self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+        scraping = self._pool.submit(self.ex.scrape)
+        infos = list(self._pool.map(vmlib.job_info, self.vms))
+        scrape = scraping.result()
+        return Sample(
+            t=time.time(),
+            virsh=frozenset(n for n, info in zip(names, infos) if info),
+            exporter=frozenset(n for n in names if scrape.get("libvirt_blockjob_cursor", job_labels(n)) is not None),
+            active_jobs=scrape.get("libvirt_blockjob_active_jobs") or 0.0,
+            synced=scrape.get("libvirt_blockjob_up") == 1
+            and (scrape.get("libvirt_blockjob_poll_cycles_total") or 0) >= 1,
+        )
 
     def transitions(self) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
         """(starts, ends) seen by virsh: (time of the first sample showing the change, domain)."""

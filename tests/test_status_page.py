@@ -71,17 +71,6 @@ def browser():
         driver.quit()
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 # What each table of the page shows, read from the DOM as text.
 READ_TABLE = """
 return Array.from(document.querySelectorAll('#' + arguments[0] + ' tr')).map(tr => ({
@@ -117,11 +106,11 @@ def test_live_pull_bar_advances_and_hostile_name_stays_text(vm_factory, exporter
     vmlib.start_pull(vm, bandwidth_bytes=2 * MiB)
     browser.get(exp.url + "/")
 
-    first = wait_for(lambda: row_of(browser, "jobs", 0, vm.name), 30, f"a job row for {vm.name!r}")
+    first = vmlib.wait_for(lambda: row_of(browser, "jobs", 0, vm.name), 30, what=f"a job row for {vm.name!r}")
     assert first["cells"][1:3] == ["vda", "pull"]
     assert first["cells"][6] == "2.0 MiB/s"  # the bandwidth cap
-    second = wait_for(lambda: (r := row_of(browser, "jobs", 0, vm.name)) and r["progress"] > first["progress"]
-                      and "MiB/s" in r["cells"][4] and r, 20, "the bar to advance and a rate to show")
+    second = vmlib.wait_for(lambda: (r := row_of(browser, "jobs", 0, vm.name)) and r["progress"] > first["progress"]
+                            and "MiB/s" in r["cells"][4] and r, 20, what="the bar to advance and a rate to show")
     assert 0 <= first["progress"] < second["progress"] < 100
     assert second["cells"][5] not in ("", "\u2014")  # an ETA
     # The chain section names the same domain, as text.
@@ -136,7 +125,7 @@ def test_live_pull_bar_advances_and_hostile_name_stays_text(vm_factory, exporter
     assert row_of(browser, "jobs", 0, vm.name)["children"][:3] == [0, 0, 0]  # domain, disk, type: text only
 
     vmlib.abort(vm)  # the outcome shows, with the same name, as text
-    done = wait_for(lambda: row_of(browser, "outcomes", 1, vm.name), 30, "the canceled outcome")
+    done = vmlib.wait_for(lambda: row_of(browser, "outcomes", 1, vm.name), 30, what="the canceled outcome")
     assert done["cells"][4] == "canceled" and done["cells"][0].endswith("ago")
     assert row_of(browser, "jobs", 0, vm.name) is None
     assert browser.execute_script("return typeof window.__xss") == "undefined"
@@ -177,13 +166,14 @@ def test_page_and_status_json_follow_tls_and_basic_auth(tls_auth_exporter, brows
     host = exp.url.removeprefix("https://")
     browser.get(f"https://{USER}:{PASSWORD.replace(' ', '%20')}@{host}/")
     try:
-        state = wait_for(lambda: browser.execute_script(
+        state = vmlib.wait_for(lambda: browser.execute_script(
             "const c = document.getElementById('conn').textContent; return c === 'loading' ? null : c;"),
-            20, "the page to load status.json")
-    except AssertionError as exc:
+            20, what="the page to load status.json")
+    except TimeoutError as exc:
         raise AssertionError(f"{exc}; the page says: {browser.find_element('id', 'error').text!r}") from None
     assert state in ("connected", "not connected")
     assert browser.find_element("id", "error").text == ""
-    assert wait_for(lambda: browser.find_element("id", "updated").text.startswith("updated"), 10, "an update")
+    assert vmlib.wait_for(lambda: browser.find_element("id", "updated").text.startswith("updated"), 10,
+                          what="an update")
     screenshot(browser, capsys, "status-page-tls-auth")
 

@@ -701,6 +701,41 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str 
         time.sleep(interval)
 
 
+class Sampler:
+    """Calls ``take()`` every ``interval`` in a thread for the length of a with-block.
+
+    Results go to ``samples``, exceptions to ``errors`` (for the test to report): a sample that
+    failed must not end the sampling that an assertion over the whole run relies on.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.samples: list = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=type(self).__name__)
+
+    def take(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self.samples.append(self.take())
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                self.errors.append(repr(e))
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+
+
 def _live_disk(dom, disk: str) -> ET.Element:
     root = ET.fromstring(virsh("dumpxml", _name(dom)))
     for d in root.findall("./devices/disk"):
