@@ -93,6 +93,7 @@ class Churn:
         self.unreported: Counter = Counter()  # (domain, outcome) libvirt never reports
         self.away: Counter = Counter()  # domain -> jobs that ended while libvirtd was down
         self.actions: Counter = Counter()
+        self.trace: list[str] = []  # one line per action, with its time: what a failed run is read against
         self.domains = domains
         self.exporter: Exporter | None = None
 
@@ -138,20 +139,30 @@ class Churn:
         elif action == "destroy":
             vmlib.destroy(vm)
             self.unreported[(vm.name, "canceled")] += 1
+            self.did(action, vm.name)
             vmlib.recreate(vm)
+            return
         else:
             os.kill(vmlib.qemu_pid(vm), signal.SIGKILL)
+            self.did(action, vm.name)
             vmlib.wait_for(lambda: vmlib.domain_state(vm) is None, timeout=30, what="killed QEMU gone")
             self.unreported[(vm.name, "failed")] += 1
             vmlib.recreate(vm)
+            return
+        self.did(action, vm.name)
+
+    def did(self, action: str, domain: str = "") -> None:
         self.actions[action] += 1
+        now = time.time()
+        self.trace.append(f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d} "
+                          f"{action} {domain}")
 
     def safe_step(self) -> None:
         """One step of the schedule, then a pause; a failed command is counted and the schedule goes on."""
         try:
             self.step()
         except (vmlib.CommandError, subprocess.TimeoutExpired, TimeoutError) as err:
-            self.actions["step error"] += 1
+            self.did("step error")
             print(f"step failed (the schedule goes on): {err}", file=sys.stderr)
         time.sleep(self.rng.uniform(0.2, 2.0))
 
@@ -168,7 +179,7 @@ class Churn:
         for v in running:  # libvirt may or may not re-report these ends to whoever is connected
             if vmlib.job_info(v) is None:
                 self.away[v.name] += 1
-        self.actions["libvirtd restart"] += 1
+        self.did("libvirtd restart")
 
     def quiesce(self) -> None:
         """Let every pull end, so that every outcome is in."""
@@ -244,6 +255,7 @@ def main(argv=None) -> int:
     churn = Churn(args.seed, args.domains)
     witness = Witness()
     exporter = None
+    passed = False
     try:
         churn.setup()
         witness.start()
@@ -270,11 +282,14 @@ def main(argv=None) -> int:
         for line in bad:
             print("MISMATCH " + line)
         print("result: " + ("every outcome counted exactly once" if not bad else "MISMATCH"))
-        return 0 if not bad else 1
+        passed = not bad
+        return 0 if passed else 1
     finally:
         witness.stop()
         if exporter is not None:
-            exporter.stop()
+            exporter.stop(keep_log=not passed)
+            if not passed:
+                print(f"exporter log: {exporter.log.name}")
         start_libvirtd()
         churn.factory.cleanup()
 

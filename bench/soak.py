@@ -22,6 +22,7 @@ from __future__ import annotations
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class Soak(Churn):
             if vmlib.job_info(vm) is None and vmlib.backing_depth(vm) == 0:
                 self.layers[vm.name] += 1
                 vmlib.add_layer(vm, f"layer{self.layers[vm.name]}")
-                self.actions["policy layer"] += 1
+                self.did("policy layer", vm.name)
             return None
         return super().step()
 
@@ -134,7 +135,7 @@ class Soak(Churn):
         pivot = self.rng.random() < 0.5
         vmlib.virsh("blockcopy", vm.name, "vda", str(dest), "--wait", "--transient-job",
                     "--pivot" if pivot else "--finish", timeout=120)
-        self.actions["copy pivoted" if pivot else "copy aborted"] += 1
+        self.did("copy pivoted" if pivot else "copy aborted", vm.name)
 
     def quiesce(self) -> None:
         super().quiesce()
@@ -159,7 +160,7 @@ def restart_exporter(churn: Soak, scraper: Scraper, exporter: Exporter,
             churn.away[vm.name] += 1
     scraper.exporter = new
     scraper.paused.clear()
-    churn.actions["exporter killed"] += 1
+    churn.did("exporter killed")
     return new, counted_by(last)
 
 
@@ -232,6 +233,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     churn, witness, scraper = Soak(args.seed, args.domains), Witness(), Scraper()
     exporters: list[Exporter] = []
+    passed = False
     try:
         churn.setup()
         policy = Path(churn.factory.images_dir("policy")) / "policy.yml"
@@ -288,12 +290,19 @@ def main(argv=None) -> int:
         for line in problems:
             print("PROBLEM " + line)
         print("result: " + ("every outcome counted exactly once, nothing grew" if not problems else "FAILED"))
-        return 0 if not problems else 1
+        passed = not problems
+        return 0 if passed else 1
     finally:
         scraper.stop()
         witness.stop()
-        for each in exporters:
-            each.stop()
+        for each in exporters:  # a failed run keeps the exporters' logs: they say what each end was taken for
+            each.stop(keep_log=not passed)
+            if not passed:
+                print(f"exporter log: {each.log.name}")
+        if not passed and churn.trace:
+            with tempfile.NamedTemporaryFile("w", prefix="lbje-soak-actions-", suffix=".log", delete=False) as f:
+                f.write("\n".join(churn.trace) + "\n")
+            print(f"actions: {f.name}")
         if exporters and exporters[0].state_dir:
             shutil.rmtree(exporters[0].state_dir, ignore_errors=True)
         from exporterlib import start_libvirtd

@@ -108,11 +108,10 @@ def exporter(request):
         return instance
 
     yield make
+    failed = request.session.testsfailed != failed_before
     for instance in started:
-        instance.stop()
-        if request.session.testsfailed == failed_before:
-            Path(instance.log.name).unlink(missing_ok=True)
-        else:
+        instance.stop(keep_log=failed)
+        if failed:
             print(f"exporter log: {instance.log.name}")
 
 

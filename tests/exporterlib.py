@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import socket
@@ -120,9 +121,13 @@ class Exporter:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = 10.0, keep_log: bool = False) -> int:
+        """Stops the process and removes what it left; ``keep_log`` keeps its log for a post-mortem."""
         returncode = vmlib.stop_process(self.proc, timeout)
         self.log.close()
+        if not keep_log:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.log.name)
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         return returncode
@@ -131,9 +136,7 @@ class Exporter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
-        if exc[0] is None:
-            os.unlink(self.log.name)
+        self.stop(keep_log=exc[0] is not None)
 
 
 def job_labels(domain: str, disk: str = "vda", job_type: str = "pull") -> dict[str, str]:

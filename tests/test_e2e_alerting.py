@@ -106,7 +106,7 @@ def stack(tmp_path_factory, request):
         am.start()
         exporter = Exporter(f"--policy.file={policy}", f"--alertmanager.url={am.url}",
                             "--alertmanager.label=cluster=lab", poll_interval="0.2s")
-        cleanup.callback(exporter.stop)
+        cleanup.callback(exporter.stop, keep_log=True)  # removed below unless a test failed
         instance = exporter.url.removeprefix("http://")
         rule_files = alert_rule_files(tmp / "rules", THRESHOLDS)
         prom = PrometheusServer(tmp / "prometheus", targets=[instance], rule_files=rule_files,
