@@ -319,7 +319,9 @@ def test_watch_refreshes_until_interrupted(tls_exporter):
         [sys.executable, "-m", "exporter", "status", "--exporter.url", x.url, "--exporter.ca-file", x.ca,
          "--exporter.username", "alice", "--exporter.password-file", x.password_file, "--watch",
          "--output", "json", "--poll.interval", "0.2s"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A suite started in the background by a shell inherits SIGINT ignored; Ctrl-C is what is tested.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = [proc.stdout.readline() for _ in range(2)]
         x.served["doc"] = document(percent=60.0)
