@@ -150,13 +150,16 @@ def restart_exporter(churn: Soak, scraper: Scraper, exporter: Exporter,
     running = [v for v in churn.vms if vmlib.domain_state(v) is not None and vmlib.job_info(v) is not None]
     scraper.paused.set()
     last = exporter.scrape()
+    # and the jobs it tracked: one that libvirt no longer lists may not have been reported yet
+    tracked = {dict(labels)["domain"] for labels in last.series("libvirt_blockjob_cursor")}
+    running += [v for v in churn.vms if v.name in tracked and v not in running]
     exporter.proc.send_signal(signal.SIGKILL)
     exporter.proc.wait(10)
     time.sleep(churn.rng.uniform(1, 4))
     new = Exporter(*args, poll_interval="1s", state_file=exporter.state_file)
     new.wait_value("libvirt_blockjob_up", None, lambda v: v == 1, timeout=60)
     for vm in running:  # ended while no exporter was there: the new one infers them
-        if vmlib.job_info(vm) is None:
+        if vmlib.domain_state(vm) is None or vmlib.job_info(vm) is None:
             churn.away[vm.name] += 1
     scraper.exporter = new
     scraper.paused.clear()

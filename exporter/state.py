@@ -19,6 +19,10 @@ run of it. The rules:
   a listing that misses a domain may itself predate the domain's start.
 * A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds; if no event
   names the outcome by then, it is inferred from the disk (see ``infer_outcome``).
+* A run that ends with no lifecycle event (a listing no longer has it, or a later run is seen) holds
+  its jobs for ``pending_grace`` seconds before they are inferred canceled: libvirtd removes a
+  domain from its lists before its event reaches us, and that event (or a block-job event of the
+  run) still tells crashed from destroyed. Held jobs are no longer active but stay in the state file.
 * A poll answer for a disk whose job ended after that poll's call began is stale and ignored.
 * An event for a disk with no known job counts (the job ran between two polls), except the first
   one within ``settle`` seconds after a resync inferred the end of a job of the same run on that
@@ -73,6 +77,14 @@ class TrackedJob:
     job: ActiveJob
     chain_at_start: tuple[str, ...]
     source_at_start: str
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A job of a run that ended with no lifecycle event yet, awaiting one until ``until``."""
+
+    tracked: TrackedJob
+    until: float  # monotonic
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,7 @@ class State:
         self._jobs: dict[DiskKey, ActiveJob] = {}
         self._tracked: dict[DiskKey, TrackedJob] = {}
         self._pending: dict[DiskKey, float] = {}  # key -> monotonic time the poll lost the job
+        self._held: dict[tuple[DiskKey, DomainInstance | None], _Held] = {}  # (disk, run) -> job of an ended run
         # disk -> run -> monotonic time the last job of that run ended on it. Per run: the end of an
         # earlier run's job, inferred when a resync finds the new run, must not hide a later end.
         self._ended: dict[DiskKey, dict[DomainInstance | None, float]] = {}
@@ -202,8 +215,8 @@ class State:
         """(generation, jobs as they are now): the generation changes when a job starts, ends or
         becomes ready (an abort of a ready mirror is a cancel, of one not ready a failure)."""
         with self._lock:
-            return self._jobs_generation, tuple(
-                replace(self._tracked[key], job=job) for key, job in self._jobs.items() if key in self._tracked)
+            active = tuple(replace(self._tracked[key], job=job) for key, job in self._jobs.items() if key in self._tracked)
+            return self._jobs_generation, active + tuple(held.tracked for held in self._held.values())
 
     # ----------------------------------------------------------------- writers
 
@@ -258,7 +271,7 @@ class State:
                     now = self._clock()
                 if job is not None and not _same_run(job.instance, current):
                     # The run the job belonged to ended unseen; this is a job of the new run.
-                    records.extend(self._end_run_jobs(answer.domain, job.instance, crashed=False))
+                    self._hold_run_jobs(answer.domain, job.instance)
                 records.extend(self._sample(key, answer.info, now, current or answer.instance))
         return tuple(records)
 
@@ -271,6 +284,8 @@ class State:
             for key in [k for k, lost_at in self._pending.items() if lost_at <= deadline]:
                 running = key[0] in self._running and _same_run(self._jobs[key].instance, self._instances.get(key[0]))
                 records.append(self._end_inferred(key, running))
+            for held_key in [k for k, held in self._held.items() if held.until <= now]:
+                records.append(self._end_held(held_key, crashed=False))
             self._forget_gone(now)
             return tuple(records)
 
@@ -281,21 +296,22 @@ class State:
             if instance is not None and instance in self._said_ended:
                 log.debug("refresh of %s read before run %d ended: ignored", domain, instance.id)
                 return ()
-            records = self._set_run(domain, instance)
+            self._set_run(domain, instance)
             if domain not in self._running:
                 self._running.add(domain)
                 self._gone_since.pop(domain, None)
                 self._changed()
             self._replace_disks(lambda key: key[0] == domain, {d.key: d for d in disks})
-            return records
+            return ()
 
     def replace_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
                           instances: Mapping[str, DomainInstance] | None = None) -> tuple[OutcomeRecord, ...]:
-        """Replace the disk inventory; jobs of domains no longer running (or of an earlier run) end, inferred."""
+        """Replace the disk inventory; jobs of domains no longer running (or of an earlier run) are held
+        for their stop event, then inferred (``expire``)."""
         with self._lock:
-            records = self._set_inventory(disks, instances or {})
+            self._set_inventory(disks, instances or {})
             self._changed()
-            return records
+            return ()
 
     def resync(self, disks: Mapping[str, Iterable[DiskInfo]], jobs: Mapping[DiskKey, JobInfo],
                call_started: float, jobs_complete: bool = True,
@@ -304,7 +320,8 @@ class State:
         every running domain to its disks, ``jobs`` holds every active job found. ``jobs_complete`` is
         False when some disks could not be polled: a job missing from ``jobs`` then ends only if its disk is gone."""
         with self._lock:
-            records = list(self._set_inventory(disks, instances or {}))
+            self._set_inventory(disks, instances or {})
+            records = []
             now_m = self._monotonic()
             for key, job in list(self._jobs.items()):
                 if key in jobs or (not jobs_complete and key in self._disks):
@@ -347,33 +364,53 @@ class State:
         ends = self._ended.get(key)
         return ends is not None and any(at >= since and _same_run(ended, run) for ended, at in ends.items())
 
-    def _set_run(self, domain: str, instance: DomainInstance | None) -> tuple[OutcomeRecord, ...]:
+    def _set_run(self, domain: str, instance: DomainInstance | None) -> None:
         """Record the current run of a domain; the jobs of an earlier run end with it."""
         if instance is None:
-            return ()
+            return
         current = self._instances.get(domain)
         self._instances[domain] = instance
-        if current is None or current == instance:
-            return ()
-        return self._end_run_jobs(domain, current, crashed=False)  # marks ``current`` stopped
+        if current is not None and current != instance:
+            self._hold_run_jobs(domain, current)  # marks ``current`` stopped
 
     def _end_run_jobs(self, domain: str, run: DomainInstance | None, crashed: bool) -> tuple[OutcomeRecord, ...]:
-        """End the jobs of one run of a domain (every run's when ``run`` is None): it has ended."""
+        """A lifecycle event ended one run of a domain (every run, when ``run`` is None): its jobs,
+        and those held since a listing missed it, end with it."""
+        self._hold_run_jobs(domain, run)
+        return tuple(self._end_held(k, crashed) for k in list(self._held)
+                     if k[0][0] == domain and _same_run(k[1], run))
+
+    def _hold_run_jobs(self, domain: str, run: DomainInstance | None) -> None:
+        """One run of a domain (every run, when ``run`` is None) has ended with no lifecycle event
+        yet: its jobs stop being active and wait ``pending_grace`` for the event that tells how."""
         now = self._monotonic()
         if run is not None:
             self._stopped_runs[run] = now
-        records = []
         for key, job in [(k, j) for k, j in self._jobs.items() if k[0] == domain and _same_run(j.instance, run)]:
             if job.instance is not None:
                 self._stopped_runs[job.instance] = now
             owner = job.instance or run
             if owner is not None:
                 self._ended_with_run.setdefault(owner, set()).add(key[1])
-            records.append(self._end_inferred(key, running=False, crashed=crashed))
-        return tuple(records)
+            tracked = self._tracked.pop(key, None) or TrackedJob(job, (), "")
+            self._held[(key, owner)] = _Held(replace(tracked, job=self._jobs.pop(key)), now + self._pending_grace)
+            self._pending.pop(key, None)
+            self._ended.setdefault(key, {})[job.instance] = now
+            self._jobs_generation += 1
+            self._changed()
+
+    def _end_held(self, held_key: tuple[DiskKey, DomainInstance | None], crashed: bool,
+                  outcome: str | None = None) -> OutcomeRecord:
+        """Count a held job: with the outcome a block-job event named, else inferred from how its run ended."""
+        tracked = self._held.pop(held_key).tracked
+        self._jobs_generation += 1
+        inferred = outcome is None
+        if outcome is None:
+            outcome = infer_outcome(tracked.job, tracked, None, domain_running=False, domain_crashed=crashed)
+        return self._count(held_key[0], tracked.job.job_type, outcome, inferred, tracked.job.instance)
 
     def _set_inventory(self, disks: Mapping[str, Iterable[DiskInfo]],
-                       instances: Mapping[str, DomainInstance]) -> tuple[OutcomeRecord, ...]:
+                       instances: Mapping[str, DomainInstance]) -> None:
         now = self._monotonic()
         stale = {name for name, run in instances.items() if run in self._said_ended}
         if stale:
@@ -389,14 +426,12 @@ class State:
         for name in running:
             self._gone_since.pop(name, None)
         self._running = running
-        records = []
         for name, run in instances.items():
-            records.extend(self._set_run(name, run))
+            self._set_run(name, run)
         for name in {k[0] for k in self._jobs if k[0] not in running}:
-            records.extend(self._end_run_jobs(name, None, crashed=False))
+            self._hold_run_jobs(name, None)
         new_disks = {d.key: d for domain_disks in disks.values() for d in domain_disks}
         self._replace_disks(lambda key: True, new_disks)
-        return tuple(records)
 
     def _update_job(self, key: DiskKey, job: ActiveJob, info: JobInfo, now: float) -> None:
         """A new sample of a known job; the cursor's change time moves only when it moves."""
@@ -510,22 +545,24 @@ class State:
             # The tracked type labels the series the gauges used; libvirt's event agrees with it.
             return (self._end_job(key, event.status, inferred=False),)
         run = event.instance
+        held = next((k for k in self._held if k[0] == key and _same_run(k[1], run)), None)
+        if held is not None:  # its run ended before libvirt said how: this says
+            return (self._end_held(held, crashed=False, outcome=event.status),)
         if (run is not None and run.id >= 0 and run in self._stopped_runs
                 and event.disk in self._ended_with_run.get(run, ())):
             self._not_counted(event, f"it reports the job of run {run.id} of the domain on this disk, "
                                      "counted when that run ended")
             return ()
-        records: tuple[OutcomeRecord, ...] = ()
         if job is not None and not _same_run(job.instance, self._instances.get(event.domain)):
             # A job of an earlier run is still tracked: that run has ended.
-            records = self._end_run_jobs(event.domain, job.instance, crashed=False)
+            self._hold_run_jobs(event.domain, job.instance)
         settling = self._settling.pop(key, None)
         if (settling is not None and _same_run(settling.instance, run) and event.monotonic <= settling.until
                 and settling.job_type in (event.job_type, "unknown")):
             self._not_counted(event, f"libvirt re-reported the end of the {settling.job_type} job that the "
                                      f"resync after reconnecting counted as {settling.outcome} (inferred)")
-            return records
-        return records + (self._count(key, event.job_type, event.status, inferred=False, instance=run),)
+            return ()
+        return (self._count(key, event.job_type, event.status, inferred=False, instance=run),)
 
     def _apply_lifecycle(self, event: LifecycleEvent) -> tuple[OutcomeRecord, ...]:
         name, run = event.domain, event.instance
@@ -534,7 +571,8 @@ class State:
         if event.kind == "started":
             if current is not None and run is not None and current != run:
                 self._said_ended[current] = now
-            return self._set_run(name, run)
+            self._set_run(name, run)
+            return ()
         if event.kind not in ("stopped", "crashed"):
             return ()
         crashed = event.kind == "crashed"
@@ -550,11 +588,16 @@ class State:
         for ended in (run, current):
             if ended is not None:
                 self._stopped_runs[ended] = self._monotonic()
-        if name not in self._running and not any(k[0] == name for k in self._jobs):
+        if (name not in self._running and not any(k[0] == name for k in self._jobs)
+                and not any(k[0][0] == name for k in self._held)):
             return ()
         self._running.discard(name)
         self._gone_since[name] = self._monotonic()
-        records = self._end_run_jobs(name, run or current, crashed)
+        if run is None:  # a read found the domain inactive; libvirt's own event still tells how it ended
+            self._hold_run_jobs(name, current)
+            records: tuple[OutcomeRecord, ...] = ()
+        else:
+            records = self._end_run_jobs(name, run, crashed)
         for key in [k for k in self._disks if k[0] == name]:
             del self._disks[key]
         self._changed()

@@ -47,6 +47,10 @@ where it is enforced):
 * A6 A destroy whose event names the run only as id -1 does not overtake a read (resync, refresh,
   listing) that names that run: the state knows a run has ended from a stop event only when it
   can tell which run, and a -1 cannot name a run the state has not seen yet.
+* A7 A domain's stop event may lag the stop (libvirtd drops the domain from its lists first, so a
+  listing, refresh or poll can find it gone before the event arrives), by less than
+  ``pending_grace`` and never past the domain's next start. The state holds the jobs of a run that
+  ended with no event; the checks follow a held job until it is counted.
 """
 
 from __future__ import annotations
@@ -159,6 +163,7 @@ class StateMachine(RuleBasedStateMachine):
         self.all_jobs: list[WJob] = []
         self.delayed: list[WJob] = []  # ended, end event not sent yet (A1)
         self.delayed_until: dict[int, float] = {}
+        self.lagged: list[tuple[float, str, list]] = []  # (send at, domain, [(event, job)]) (A7)
         self.connected = True
         # the host
         self.main: deque[Item] = deque()
@@ -167,6 +172,7 @@ class StateMachine(RuleBasedStateMachine):
         self.resyncing = 0  # resyncs posted, not applied yet
         # the checks' bookkeeping
         self.tracked: dict = {}  # key -> (WJob, identity of the state's ActiveJob)
+        self.held: dict = {}  # (key, identity) -> WJob: a job of an ended run awaiting its stop event
         self.expected: Counter = Counter()
         self.expected_inferred: Counter = Counter()
         self.told_ended: set[DomainInstance] = set()
@@ -226,6 +232,16 @@ class StateMachine(RuleBasedStateMachine):
         for job in list(self.delayed):
             if self.delayed_until[job.jid] <= upto:
                 self._flush_delayed(job)
+        for lag in [lag for lag in self.lagged if lag[0] <= upto]:
+            self._flush_lagged(lag)
+
+    def _flush_lagged(self, lag) -> None:
+        self.lagged.remove(lag)
+        for event, job in lag[2]:
+            if job is None:
+                self._send(event)
+            else:
+                self._send_end(job)
 
     def _flush_delayed(self, job: WJob) -> None:
         self.delayed.remove(job)
@@ -344,6 +360,8 @@ class StateMachine(RuleBasedStateMachine):
         if not stopped:
             return
         domain = data.draw(st.sampled_from(stopped), label="start domain")
+        for lag in [lag for lag in self.lagged if lag[1] == domain]:
+            self._flush_lagged(lag)  # A7
         if recreate:
             self.uuid[domain] = f"{domain}-uuid-{next(self._uuids)}"
         run = self.run[domain] = DomainInstance(self.uuid[domain], next(self._ids))
@@ -351,10 +369,12 @@ class StateMachine(RuleBasedStateMachine):
         note(f"start domain {domain} run {run}")
         self._send(LifecycleEvent(domain, "started", self.now, self.now + WALL, run))
 
-    @rule(data=st.data(), kind=st.sampled_from(("stopped", "crashed")), id_minus_one=st.booleans())
-    def domain_stop(self, data, kind, id_minus_one):
+    @rule(data=st.data(), kind=st.sampled_from(("stopped", "crashed")), id_minus_one=st.booleans(),
+          lag=st.sampled_from((0.0, 0.0, 0.05, 0.5, EVENT_LAG)))
+    def domain_stop(self, data, kind, id_minus_one, lag):
         """Shut down, destroyed (the event says id -1) or crashed. libvirt may report its jobs' ends
-        before the lifecycle event, after it (late: not counted again) or not at all."""
+        before the lifecycle event, after it (late: not counted again) or not at all; the lifecycle
+        event and what follows it may lag (A7)."""
         running = self._running()
         if not running:
             return
@@ -377,11 +397,15 @@ class StateMachine(RuleBasedStateMachine):
                 job.lost_event = True
         if id_minus_one and self._read_in_flight_names(run):
             id_minus_one = False  # A6
-        note(f"stop domain {domain} run {run} ({kind}, id -1: {id_minus_one})")
+        note(f"stop domain {domain} run {run} ({kind}, id -1: {id_minus_one}, lag {lag})")
         seen_as = DomainInstance(run.uuid, -1) if id_minus_one else run
-        self._send(LifecycleEvent(domain, kind, self.now, self.now + WALL, seen_as))
-        for job in after:
-            self._send_end(job)
+        sent = [(LifecycleEvent(domain, kind, self.now, self.now + WALL, seen_as), None)]
+        sent += [(None, job) for job in after]
+        if lag and self.connected:
+            self.lagged.append((self.now + lag, domain, sent))
+        else:
+            for event, job in sent:
+                self._send(event) if job is None else self._send_end(job)
 
     @rule(domain=st.sampled_from(DOMAINS), kind=st.sampled_from(("suspended", "resumed", "defined", "other")))
     def other_lifecycle(self, domain, kind):
@@ -395,6 +419,11 @@ class StateMachine(RuleBasedStateMachine):
         for job in list(self.delayed):
             self.delayed.remove(job)
             job.lost_event = True
+        for _, _, sent in self.lagged:
+            for _, job in sent:
+                if job is not None:
+                    job.lost_event = True
+        self.lagged = []
         self.connected = False
         note("disconnect")
         self.state.apply(ConnectionEvent(False, self.now, self.now + WALL))
@@ -535,7 +564,7 @@ class StateMachine(RuleBasedStateMachine):
         self._emit_delayed(self.now + dt)
         self.now += dt
 
-    @precondition(lambda self: not self.main and not self.posted and not self.delayed)  # A4
+    @precondition(lambda self: not self.main and not self.posted and not self.delayed and not self.lagged)  # A4
     @rule(dt=st.sampled_from((SETTLE + 0.01, GRACE + 0.01, 10.0, RETENTION + 6)))
     def jump(self, dt):
         self.now += dt
@@ -647,16 +676,29 @@ class StateMachine(RuleBasedStateMachine):
         else:
             assert not reported, f"only a BLOCK_JOB_2 end counts a reported outcome: {item!r} -> {records}"
 
-        for key, (job, ident) in before.items():
-            cur = snap.jobs.get(key)
-            if cur is not None and _identity(cur) == ident:
+        active = {(k, _identity(j)) for k, j in snap.jobs.items()}
+        held_now = {(t.job.key, _identity(t.job)) for t in self.state.tracked_jobs()[1]} - active
+        held_before, self.held = self.held, {}
+        for key, job, ident in [(k, j, i) for k, (j, i) in before.items()] + \
+                [(k, j, i) for (k, i), j in held_before.items()]:
+            if (key, ident) in active:
+                continue
+            if (key, ident) in held_now:
+                assert job.outcome is not None, f"the state holds {job!r}, which still runs"
+                if (key, ident) not in held_before:
+                    coverage(f"a job held on {item.kind}")
+                self.held[(key, ident)] = job
                 continue
             if job is ended_by_event:
+                if (key, ident) in held_before:
+                    coverage("a held job counted from its event")
                 continue
-            mine = [r for r in inferred if (r.domain, r.disk) == key]
-            assert len(mine) == 1, f"tracked {job!r} left the state without being counted ({item!r} -> {records})"
+            mine = [r for r in inferred if (r.domain, r.disk, r.job_type) == (key[0], key[1], job.job_type)]
+            assert mine, f"tracked {job!r} left the state without being counted ({item!r} -> {records})"
             r = mine[0]
             inferred.remove(r)
+            if (key, ident) in held_before:
+                coverage(f"a held job inferred on {item.kind}")
             assert r.job_type == job.job_type
             assert job.outcome is not None, f"the state inferred the end of {job!r}, which still runs"
             assert job.counted is None, f"{job!r} was counted ({job.counted}) and inferred again"
