@@ -94,6 +94,7 @@ class Churn:
         self.away: Counter = Counter()  # domain -> jobs that ended while libvirtd was down
         self.actions: Counter = Counter()
         self.trace: list[str] = []  # one line per action, with its time: what a failed run is read against
+        self.last_stop = 0.0  # monotonic time of the last destroy or kill
         self.domains = domains
         self.exporter: Exporter | None = None
 
@@ -153,6 +154,8 @@ class Churn:
 
     def did(self, action: str, domain: str = "") -> None:
         self.actions[action] += 1
+        if action in ("destroy", "kill"):
+            self.last_stop = time.monotonic()
         now = time.time()
         self.trace.append(f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d} "
                           f"{action} {domain}")

@@ -44,6 +44,7 @@ limits: {{max_concurrent: 100000}}
 """
 RSS_GROWTH_MIB = 15.0  # between the first and the last tenth of the run, after warm-up
 THREAD_GROWTH = 4  # spare readers may come and go
+STOP_EVENT_GRACE = 5.0  # seconds: over the exporter's 3 s wait for a stop event, with room
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,12 @@ class Soak(Churn):
 def restart_exporter(churn: Soak, scraper: Scraper, exporter: Exporter,
                      args: list[str]) -> tuple[Exporter, tuple[Counter, Counter]]:
     """SIGKILL the exporter and start it again on the same state file. Returns the new exporter and
-    what the old one had counted (its last scrape, just before the kill; the schedule waits)."""
+    what the old one had counted (its last scrape, just before the kill; the schedule waits).
+
+    Not within the exporter's grace after a destroy or kill: libvirt does not replay events, so a
+    stop event the dying exporter had not yet received is lost, and the new one can only infer
+    canceled for a crashed domain's jobs (its state file says they were awaiting that event)."""
+    time.sleep(max(0.0, churn.last_stop + STOP_EVENT_GRACE - time.monotonic()))
     running = [v for v in churn.vms if vmlib.domain_state(v) is not None and vmlib.job_info(v) is not None]
     scraper.paused.set()
     last = exporter.scrape()

@@ -510,6 +510,7 @@ def reading(uri: str, state: State) -> Iterator[Callable[[], None]]:
 
     def read() -> None:
         host._resync()
+        state.expire()  # without events, jobs held for a stop event end after the grace
         state.apply(ConnectionEvent(True, time.monotonic(), time.time()))
 
     try:

@@ -10,19 +10,20 @@ run of it. The rules:
 * Only ``BLOCK_JOB_2`` events count outcomes; ``BLOCK_JOB`` is the same outcome named by path.
 * A job belongs to one run of its domain (``DomainInstance``: UUID and runtime id). An answer or
   event from another run never updates, ends or stands in for it. When a run ends (stopped,
-  crashed, or a later run seen) its jobs end, inferred, and later events for them are not
-  counted: their ends were counted when the run ended. A later event of that run for a disk
-  whose job was not known then counts: that job ran between two polls.
+  crashed, or a later run seen) its jobs end, inferred (after the hold below), and later events
+  for them are not counted: their ends were counted when the run ended. A later event of that run
+  for a disk whose job was not known then counts: that job ran between two polls.
 * A refresh, listing or resync that names a run a lifecycle event said has ended was read before
   that event and applied after it (an event can overtake what the poller read): that domain is
   taken as not running, so that the run and its jobs do not come back. Only an event tells this:
   a listing that misses a domain may itself predate the domain's start.
 * A poll that no longer finds a job parks it as *pending* for ``pending_grace`` seconds; if no event
   names the outcome by then, it is inferred from the disk (see ``infer_outcome``).
-* A run that ends with no lifecycle event (a listing no longer has it, or a later run is seen) holds
-  its jobs for ``pending_grace`` seconds before they are inferred canceled: libvirtd removes a
-  domain from its lists before its event reaches us, and that event (or a block-job event of the
-  run) still tells crashed from destroyed. Held jobs are no longer active but stay in the state file.
+* A run that ends with no lifecycle event yet (a listing or refresh no longer finds it, a later run
+  is seen, or a job restored from the state file is of a run no longer there) holds its jobs for
+  ``pending_grace`` seconds before they are inferred canceled: libvirtd drops a domain from its
+  lists before its event reaches us, and that event (or a block-job event of the run) still tells
+  crashed from destroyed. Held jobs are no longer active but stay in the state file.
 * A poll answer for a disk whose job ended after that poll's call began is stale and ignored.
 * An event for a disk with no known job counts (the job ran between two polls), except the first
   one within ``settle`` seconds after a resync inferred the end of a job of the same run on that
@@ -77,6 +78,7 @@ class TrackedJob:
     job: ActiveJob
     chain_at_start: tuple[str, ...]
     source_at_start: str
+    held: bool = False  # its run has ended; awaiting the stop event that tells how
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ class State:
         self._jobs: dict[DiskKey, ActiveJob] = {}
         self._tracked: dict[DiskKey, TrackedJob] = {}
         self._pending: dict[DiskKey, float] = {}  # key -> monotonic time the poll lost the job
-        self._held: dict[tuple[DiskKey, DomainInstance | None], _Held] = {}  # (disk, run) -> job of an ended run
+        # (disk, run, start time) -> a job of an ended run
+        self._held: dict[tuple[DiskKey, DomainInstance | None, float], _Held] = {}
         # disk -> run -> monotonic time the last job of that run ended on it. Per run: the end of an
         # earlier run's job, inferred when a resync finds the new run, must not hide a later end.
         self._ended: dict[DiskKey, dict[DomainInstance | None, float]] = {}
@@ -216,7 +219,7 @@ class State:
         becomes ready (an abort of a ready mirror is a cancel, of one not ready a failure)."""
         with self._lock:
             active = tuple(replace(self._tracked[key], job=job) for key, job in self._jobs.items() if key in self._tracked)
-            return self._jobs_generation, active + tuple(held.tracked for held in self._held.values())
+            return self._jobs_generation, active + tuple(replace(h.tracked, held=True) for h in self._held.values())
 
     # ----------------------------------------------------------------- writers
 
@@ -276,7 +279,8 @@ class State:
         return tuple(records)
 
     def expire(self) -> tuple[OutcomeRecord, ...]:
-        """Infer outcomes of jobs the poll lost over the grace ago with no event; drop series past the retention."""
+        """Infer outcomes of jobs the poll lost, and of jobs held for their run's stop event, over the
+        grace ago with no event; drop series past the retention."""
         with self._lock:
             now = self._monotonic()
             records = []
@@ -344,10 +348,14 @@ class State:
     def restore(self, tracked: Iterable[TrackedJob]) -> None:
         """Jobs a previous process tracked (the state file); the first resync tells which still run, which ended."""
         with self._lock:
+            until = self._monotonic() + self._pending_grace
             for entry in tracked:
                 key = entry.job.key
-                self._jobs[key] = entry.job
-                self._tracked[key] = entry
+                if entry.held:  # its stop event, if any, went to the previous process
+                    self._held[(key, entry.job.instance, entry.job.start_time)] = _Held(replace(entry, held=False), until)
+                else:
+                    self._jobs[key] = entry.job
+                    self._tracked[key] = entry
                 for outcome in OUTCOMES:
                     self._outcomes.setdefault((key[0], key[1], entry.job.job_type, outcome), 0)
             self._jobs_generation += 1
@@ -365,7 +373,7 @@ class State:
         return ends is not None and any(at >= since and _same_run(ended, run) for ended, at in ends.items())
 
     def _set_run(self, domain: str, instance: DomainInstance | None) -> None:
-        """Record the current run of a domain; the jobs of an earlier run end with it."""
+        """Record the current run of a domain; the jobs of an earlier run are held (it has ended)."""
         if instance is None:
             return
         current = self._instances.get(domain)
@@ -393,13 +401,14 @@ class State:
             if owner is not None:
                 self._ended_with_run.setdefault(owner, set()).add(key[1])
             tracked = self._tracked.pop(key, None) or TrackedJob(job, (), "")
-            self._held[(key, owner)] = _Held(replace(tracked, job=self._jobs.pop(key)), now + self._pending_grace)
+            self._held[(key, owner, job.start_time)] = _Held(replace(tracked, job=self._jobs.pop(key)),
+                                                            now + self._pending_grace)
             self._pending.pop(key, None)
             self._ended.setdefault(key, {})[job.instance] = now
             self._jobs_generation += 1
             self._changed()
 
-    def _end_held(self, held_key: tuple[DiskKey, DomainInstance | None], crashed: bool,
+    def _end_held(self, held_key: tuple[DiskKey, DomainInstance | None, float], crashed: bool,
                   outcome: str | None = None) -> OutcomeRecord:
         """Count a held job: with the outcome a block-job event named, else inferred from how its run ended."""
         tracked = self._held.pop(held_key).tracked
@@ -430,6 +439,9 @@ class State:
             self._set_run(name, run)
         for name in {k[0] for k in self._jobs if k[0] not in running}:
             self._hold_run_jobs(name, None)
+        for key, job in list(self._jobs.items()):  # a job restored from the state file, of a run now gone
+            if key in self._jobs and not _same_run(job.instance, instances.get(key[0])):
+                self._hold_run_jobs(key[0], job.instance)
         new_disks = {d.key: d for domain_disks in disks.values() for d in domain_disks}
         self._replace_disks(lambda key: True, new_disks)
 

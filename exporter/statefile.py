@@ -67,6 +67,8 @@ def _job(entry: Any, index: int) -> TrackedJob:
         raise StateFileError(f"{where}.domain_id is not a libvirt domain id")
     if not isinstance(entry.get("ready"), bool):
         raise StateFileError(f"{where}.ready is not true or false")
+    if not isinstance(entry.get("held", False), bool):
+        raise StateFileError(f"{where}.held is not true or false")
     job = ActiveJob(
         domain=_text(entry.get("domain"), f"{where}.domain", MAX_NAME),
         disk=_text(entry.get("disk"), f"{where}.disk", MAX_NAME),
@@ -80,7 +82,8 @@ def _job(entry: Any, index: int) -> TrackedJob:
         instance=DomainInstance(_text(entry.get("domain_uuid"), f"{where}.domain_uuid", 64), run_id),
     )
     return TrackedJob(job, tuple(_text(p, f"{where}.chain_at_start", MAX_PATH) for p in chain),
-                      _text(entry.get("source_at_start"), f"{where}.source_at_start", MAX_PATH))
+                      _text(entry.get("source_at_start"), f"{where}.source_at_start", MAX_PATH),
+                      held=entry.get("held", False))
 
 
 def parse(data: bytes) -> tuple[TrackedJob, ...]:
@@ -96,8 +99,12 @@ def parse(data: bytes) -> tuple[TrackedJob, ...]:
     if len(doc["jobs"]) > MAX_JOBS:
         raise StateFileError(f"more than {MAX_JOBS} jobs")
     jobs = tuple(_job(entry, i) for i, entry in enumerate(doc["jobs"]))
-    if len({t.job.key for t in jobs}) != len(jobs):
-        raise StateFileError("two jobs on the same disk")
+    active = [t.job.key for t in jobs if not t.held]
+    if len(set(active)) != len(active):
+        raise StateFileError("two active jobs on the same disk")
+    held = [(t.job.key, t.job.instance, t.job.start_time) for t in jobs if t.held]
+    if len(set(held)) != len(held):
+        raise StateFileError("the same held job twice")
     return jobs
 
 
@@ -113,6 +120,7 @@ def dump(jobs: Iterable[TrackedJob]) -> bytes:
             "cursor_changed_time": job.cursor_changed_time, "domain_uuid": job.instance.uuid,
             "domain_id": job.instance.id, "chain_at_start": list(tracked.chain_at_start),
             "source_at_start": tracked.source_at_start,
+            **({"held": True} if tracked.held else {}),
         })
     return json.dumps({"version": _VERSION, "jobs": entries}, separators=(",", ":")).encode()
 

@@ -384,13 +384,13 @@ class StateMachine(RuleBasedStateMachine):
         for job in list(self.delayed):
             if job.domain == domain:
                 self._flush_delayed(job)
-        after = []
+        before, after = [], []
         for key in [k for k in sorted(self.jobs) if k[0] == domain]:
             job = self.jobs.pop(key)
             job.outcome = data.draw(st.sampled_from(("failed", "canceled")), label=f"{job!r} ends")
             when = data.draw(st.sampled_from(("before", "after", "never")), label="its event")
             if when == "before":
-                self._send_end(job)
+                before.append(job)
             elif when == "after":
                 after.append(job)
             elif not self.connected:
@@ -399,7 +399,8 @@ class StateMachine(RuleBasedStateMachine):
             id_minus_one = False  # A6
         note(f"stop domain {domain} run {run} ({kind}, id -1: {id_minus_one}, lag {lag})")
         seen_as = DomainInstance(run.uuid, -1) if id_minus_one else run
-        sent = [(LifecycleEvent(domain, kind, self.now, self.now + WALL, seen_as), None)]
+        sent = [(None, job) for job in before]
+        sent += [(LifecycleEvent(domain, kind, self.now, self.now + WALL, seen_as), None)]
         sent += [(None, job) for job in after]
         if lag and self.connected:
             self.lagged.append((self.now + lag, domain, sent))
@@ -710,6 +711,9 @@ class StateMachine(RuleBasedStateMachine):
             if item.kind == "resync" and key not in item.args[1]:
                 self.settle_until[key] = self.now + SETTLE
         assert not inferred, f"inferred ends of no tracked job: {inferred}"
+        if item.kind == "lifecycle" and event.instance is not None and event.kind in ("stopped", "crashed"):
+            left = [job for job in self.held.values() if job.run in item.ends_runs]
+            assert not left, f"{item!r} ended their run, yet {left} are still held"
 
         self.tracked = {}
         for key, cur in snap.jobs.items():

@@ -51,7 +51,9 @@ def test_jobs_of_unknown_runs_are_not_written():
     (document(entry(start_time=float("inf"))), "jobs[0].start_time is not a Unix time"),
     (document(entry(domain_id=True)), "jobs[0].domain_id is not a libvirt domain id"),
     (document(entry(chain_at_start=["/x"] * 257)), "jobs[0].chain_at_start is not a list of at most 256"),
-    (document(entry(), entry()), "two jobs on the same disk"),
+    (document(entry(held="yes")), "jobs[0].held is not true or false"),
+    (document(entry(), entry()), "two active jobs on the same disk"),
+    (document(entry(held=True), entry(held=True)), "the same held job twice"),
 ])
 def test_bad_files_are_refused_with_the_reason(data, message):
     with pytest.raises(StateFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -118,3 +120,40 @@ def test_a_mirror_that_became_ready_is_saved_ready_and_its_abort_while_away_coun
     assert again.snapshot().jobs[("dom", "vda")].ready
     records = again.resync({"dom": [disk]}, {}, 2.0, instances={"dom": RUN})
     assert [(r.outcome, r.inferred) for r in records] == [("canceled", True)]
+
+
+def test_a_held_job_and_the_new_runs_job_on_its_disk_survive_a_restart(tmp_path):
+    """A listing saw the domain's new run (its job on the same disk) before the old run's stop
+    event came; the exporter died then. Both are written; the held one is counted as the end of
+    an ended run, the new one goes on."""
+    from exporter.model import DiskInfo
+
+    clock = [100.0]
+    path = str(tmp_path / "state.json")
+    disk = DiskInfo("dom", "vda", "/img/top.qcow2", "qcow2", ())
+    new_run = DomainInstance(RUN.uuid, RUN.id + 1)
+    state = State(monotonic=lambda: clock[0])
+    state.update_domain("dom", [disk], RUN)
+    state.apply_poll("dom", "vda", JobInfo("pull", 10, 100, 0), clock[0], instance=RUN)
+    state.update_domain("dom", [disk], new_run)
+    state.apply_poll("dom", "vda", JobInfo("copy", 1, 100, 0), clock[0], instance=new_run)
+    JobsFile(path).save(state)
+    again = State(monotonic=lambda: clock[0])
+    assert JobsFile(path).restore(again) == 2
+    assert again.resync({"dom": [disk]}, {("dom", "vda"): JobInfo("copy", 2, 100, 0)}, clock[0],
+                        instances={"dom": new_run}) == ()
+    assert again.snapshot().jobs[("dom", "vda")].job_type == "copy"
+    clock[0] += 3
+    assert [(r.job_type, r.outcome, r.inferred) for r in again.expire()] == [("pull", "canceled", True)]
+
+
+def test_a_restored_job_of_a_run_that_has_since_ended_counts_canceled(tmp_path):
+    from exporter.model import DiskInfo
+
+    clock = [100.0]
+    state = State(monotonic=lambda: clock[0])
+    state.restore([tracked()])
+    disk = DiskInfo("dom", "vda", "/img/top.qcow2", "qcow2", ())
+    assert state.resync({"dom": [disk]}, {}, clock[0], instances={"dom": DomainInstance(RUN.uuid, RUN.id + 1)}) == ()
+    clock[0] += 3
+    assert [(r.outcome, r.inferred) for r in state.expire()] == [("canceled", True)]
